@@ -1,0 +1,49 @@
+"""concierge: per-session state and workflow stages for MCP servers.
+
+```python
+from concierge import Concierge
+
+app = Concierge("shop")
+
+@app.tool()
+def add_to_cart(product_id: str) -> dict:
+    cart = app.get_state("cart", [])
+    cart.append(product_id)
+    app.set_state("cart", cart)
+    return {"cart": cart}
+```
+"""
+
+from concierge.app import Concierge
+from concierge.errors import (
+    ConciergeError,
+    ConfigurationError,
+    ConflictError,
+    NoSessionError,
+    StageError,
+    StateKeyError,
+    StateTypeError,
+    StateUnavailableError,
+    StateValueError,
+    UnknownSessionError,
+)
+from concierge.state import MemoryBackend, StateBackend, backend_from_url
+
+__all__ = [
+    "Concierge",
+    "ConciergeError",
+    "ConfigurationError",
+    "ConflictError",
+    "MemoryBackend",
+    "NoSessionError",
+    "StageError",
+    "StateBackend",
+    "StateKeyError",
+    "StateTypeError",
+    "StateUnavailableError",
+    "StateValueError",
+    "UnknownSessionError",
+    "backend_from_url",
+]
+
+__version__ = "0.1.0"

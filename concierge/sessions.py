@@ -1,0 +1,136 @@
+"""Where a request's session comes from, on every transport and both wire eras.
+
+| connection                                   | session                                  |
+|----------------------------------------------|------------------------------------------|
+| stdio (either era)                           | one per server process                   |
+| legacy streamable HTTP, stateful             | the `mcp-session-id`                     |
+| legacy SSE                                   | the transport's `session_id` parameter    |
+| legacy, other streams (in-process client)    | one per connection                       |
+| legacy stateless HTTP, every 2026-07-28 wire | none on the wire: a *handle*             |
+
+A handle is an opaque token concierge mints (`secrets`, 256 bits). The client
+passes it back in a tool's `session_id` argument (or, for resources and
+prompts, in `_meta["concierge/session_id"]`). The storage id of every session
+carries its origin as a prefix, so a handle can never name a session that was
+keyed by a transport id, and a transport id can never be supplied as a handle.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import principal_components
+from mcp.server.context import ServerRequestContext
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from concierge._sdk import connection_of
+
+__all__ = ["HANDLE_META_KEY", "HANDLE_PREFIX", "Identity", "new_handle", "principal", "resolve"]
+
+HANDLE_META_KEY = "concierge/session_id"
+HANDLE_PREFIX = "h:"
+_CONNECTION_STATE_KEY = "concierge.session"
+_HANDLE_SHAPE = re.compile(r"[A-Za-z0-9_-]{22,128}")
+
+# Set for the life of a stdio server: stdio has one client per process, and on
+# the 2026-07-28 wire the SDK builds a fresh Connection for every request, so
+# the session cannot live on the connection.
+process_session: contextvars.ContextVar[str | None] = contextvars.ContextVar("concierge_process", default=None)
+
+
+def new_handle() -> str:
+    """A fresh opaque handle: 32 random bytes, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def principal() -> str | None:
+    """The authenticated caller of this request (client id, issuer, subject), or `None`."""
+    token = get_access_token()
+    if token is None:
+        return None
+    return json.dumps(list(principal_components(token)), separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The session a request belongs to.
+
+    Attributes:
+        session_id: storage id; `None` when the request has no session (a
+            resource read or prompt on a handle wire without a handle).
+        via_handle: the wire has no session of its own; handles are in use.
+        handle: the client-facing handle (handle wires only).
+        is_new: no handle was supplied: the call starts a new session.
+        owner: the authenticated principal making the request.
+        supplied: the handle as the client sent it (for error messages).
+    """
+
+    session_id: str | None
+    via_handle: bool
+    handle: str | None = None
+    is_new: bool = False
+    owner: str | None = None
+    supplied: str | None = None
+    malformed: bool = False
+
+
+def wire_session(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    """The storage id the transport itself provides, or `None` on handle wires."""
+    proc = process_session.get()
+    if proc is not None:
+        return "stdio:" + proc
+    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        return None
+    connection = connection_of(ctx)
+    if connection.session_id:
+        return "http:" + connection.session_id
+    request = ctx.request
+    if request is not None:
+        headers = getattr(request, "headers", None)
+        sid = headers.get("mcp-session-id") if headers is not None else None
+        if sid:
+            return "http:" + sid
+        query = getattr(request, "query_params", None)
+        sse = query.get("session_id") if query is not None else None
+        if sse:
+            return "sse:" + sse
+        return None  # legacy stateless HTTP: a fresh connection per request
+    sid = connection.state.get(_CONNECTION_STATE_KEY)
+    if sid is None:
+        sid = connection.state[_CONNECTION_STATE_KEY] = new_handle()
+    return "conn:" + sid
+
+
+def uses_handles(ctx: ServerRequestContext[Any, Any]) -> bool:
+    """Whether this request's wire has no session of its own."""
+    return wire_session(ctx) is None
+
+
+def resolve(ctx: ServerRequestContext[Any, Any], supplied: object, *, start: bool) -> Identity:
+    """Resolve a request's session.
+
+    Args:
+        supplied: the handle the client passed (`None` when it passed none).
+            Ignored on wires that carry their own session.
+        start: a missing handle starts a new session (tool calls) rather than
+            leaving the request without one (resource reads, prompts).
+    """
+    owner = principal()
+    wire = wire_session(ctx)
+    if wire is not None:
+        return Identity(session_id=wire, via_handle=False, owner=owner)
+    if supplied is None or supplied == "":
+        if not start:
+            return Identity(session_id=None, via_handle=True, owner=owner)
+        handle = new_handle()
+        return Identity(HANDLE_PREFIX + handle, via_handle=True, handle=handle, is_new=True, owner=owner)
+    if not isinstance(supplied, str) or not _HANDLE_SHAPE.fullmatch(supplied):
+        shown = supplied[:64] if isinstance(supplied, str) else type(supplied).__name__
+        return Identity(None, via_handle=True, owner=owner, supplied=shown, malformed=True)
+    return Identity(HANDLE_PREFIX + supplied, via_handle=True, handle=supplied, owner=owner, supplied=supplied)

@@ -1,0 +1,81 @@
+"""State backends and the URL that chooses one.
+
+`CONCIERGE_STATE_URL` (or `state_url=`):
+
+- unset, empty or `memory://` -> `MemoryBackend`
+- `sqlite:///relative.db`, `sqlite:////abs/path.db` -> `SQLiteBackend` (aiosqlite)
+- `postgresql://...`, `postgres://...` -> `PostgresBackend` (asyncpg)
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from concierge.errors import ConfigurationError
+from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
+from concierge.state.memory import MemoryBackend
+
+__all__ = [
+    "ENV_STATE_URL",
+    "UNCHANGED",
+    "Commit",
+    "MemoryBackend",
+    "SessionRecord",
+    "StateBackend",
+    "backend_from_url",
+    "redact_url",
+]
+
+ENV_STATE_URL = "CONCIERGE_STATE_URL"
+SUPPORTED = "memory://, sqlite:///path.db, postgresql://user:password@host:port/db (or postgres://)"
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`, safe to print or log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def backend_from_url(url: str | None) -> StateBackend:
+    """Build the backend a state URL names (`None` or empty -> memory).
+
+    Raises:
+        ConfigurationError: the scheme is not supported or the URL is malformed;
+            the message names `CONCIERGE_STATE_URL` and the supported forms.
+    """
+    if url is None or not url.strip():
+        return MemoryBackend()
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"{ENV_STATE_URL}={redact_url(url)!r} is not a valid URL ({exc}); supported: {SUPPORTED}"
+        ) from None
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        return MemoryBackend()
+    if scheme == "sqlite":
+        from concierge.state.sqlite import SQLiteBackend
+
+        return SQLiteBackend.from_url(url)
+    if scheme in ("postgresql", "postgres"):
+        from concierge.state.postgres import PostgresBackend
+
+        return PostgresBackend.from_url(url)
+    raise ConfigurationError(
+        f"{ENV_STATE_URL}={redact_url(url)!r}: unsupported scheme {parts.scheme!r}; supported: {SUPPORTED}"
+    )
+
+
+def backend_from_env() -> StateBackend:
+    """The backend `CONCIERGE_STATE_URL` names (memory when unset)."""
+    return backend_from_url(os.environ.get(ENV_STATE_URL))

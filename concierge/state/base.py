@@ -1,0 +1,142 @@
+"""The storage contract every state backend implements.
+
+A backend only persists. Everything that is the same for every store — the
+dict API, dirty tracking, JSON encoding, expiry arithmetic, the stage field —
+lives above it (`concierge.work`). Values reach a backend already encoded as
+JSON text and leave it the same way.
+
+A session is one row of metadata (`version`, `stage`, `owner`, `expires_at`)
+plus one entry per state key. `version` starts at 1 when the session is
+created and grows by one with every commit; it is how a commit detects that
+another process wrote to the session since it was loaded.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+__all__ = ["Commit", "SessionRecord", "StateBackend", "UNCHANGED"]
+
+
+class _Unchanged:
+    """Sentinel: the commit leaves the stage as it is."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = _Unchanged()
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """A session as stored.
+
+    `values` maps each key to its JSON text. It is `None` only when `load` was
+    given `known_version` equal to the stored version: the caller's cached
+    values are still current and were not read again.
+    """
+
+    session_id: str
+    version: int
+    values: dict[str, str] | None
+    stage: str | None = None
+    owner: str | None = None
+    expires_at: float | None = None
+
+
+@dataclass(slots=True)
+class Commit:
+    """The changes one unit of work writes to one session, atomically.
+
+    Attributes:
+        session_id: the session written to.
+        expected_version: the version the unit of work loaded; 0 means the
+            session did not exist and this commit creates it.
+        changes: key -> new JSON text, or `None` to delete the key.
+        clear: delete every key before applying `changes`.
+        stage: the new stage, or `UNCHANGED`.
+        owner: the principal recorded when the commit creates the session.
+        expires_at: the new absolute expiry (epoch seconds), `None` = never.
+    """
+
+    session_id: str
+    expected_version: int
+    changes: dict[str, str | None] = field(default_factory=dict)
+    clear: bool = False
+    stage: str | None | _Unchanged = UNCHANGED
+    owner: str | None = None
+    expires_at: float | None = None
+
+
+class StateBackend(ABC):
+    """Async storage for sessions. Subclasses implement the abstract methods.
+
+    All timestamps are epoch seconds supplied by the caller (`now`), so tests
+    can drive expiry with an injected clock. A session whose `expires_at` is at
+    or before `now` is treated everywhere as absent.
+    """
+
+    #: URL scheme(s) this backend serves, for messages.
+    scheme: str = ""
+
+    async def open(self) -> None:
+        """Connect and apply migrations. Called once at server start; idempotent.
+
+        Raises:
+            StateUnavailableError: the store cannot be reached (the message names
+                where it was looked for, never a password).
+        """
+
+    async def close(self) -> None:
+        """Release connections. Safe to call more than once, or without `open`."""
+
+    @abstractmethod
+    async def create(self, session_id: str, *, owner: str | None, expires_at: float | None, now: float) -> None:
+        """Create an empty session at version 1.
+
+        Raises:
+            ConflictError: a live session with this id already exists. (An
+                expired one is replaced.)
+        """
+
+    @abstractmethod
+    async def load(self, session_id: str, *, now: float, known_version: int | None = None) -> SessionRecord | None:
+        """Return the live session, or `None` when it does not exist or has expired.
+
+        Args:
+            known_version: the version whose values the caller already holds;
+                when it equals the stored version, the record comes back with
+                `values=None` instead of reading every key again.
+        """
+
+    @abstractmethod
+    async def commit(self, commit: Commit, *, now: float) -> int:
+        """Apply `commit` atomically and return the session's new version.
+
+        With `expected_version == 0` the session is created (at version 1);
+        otherwise the stored version must equal `expected_version`. Nothing is
+        written when this raises.
+
+        Raises:
+            ConflictError: the stored version differs, the session to create
+                already exists, or the session to update no longer exists (it
+                was deleted or expired: a deleted session is never resurrected).
+            StateUnavailableError: the store could not be reached.
+        """
+
+    @abstractmethod
+    async def delete(self, session_id: str) -> bool:
+        """Delete the session and all its keys. Returns whether it existed."""
+
+    @abstractmethod
+    async def clear_expired(self, *, now: float) -> int:
+        """Delete every session expired at `now`; return how many were deleted."""
+
+    async def __aenter__(self) -> StateBackend:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

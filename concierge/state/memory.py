@@ -1,0 +1,85 @@
+"""In-process memory backend: the default, and the reference for the contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from concierge.errors import ConflictError
+from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
+
+__all__ = ["MemoryBackend"]
+
+
+@dataclass(slots=True)
+class _Row:
+    version: int
+    stage: str | None
+    owner: str | None
+    expires_at: float | None
+    values: dict[str, str] = field(default_factory=dict)
+
+    def live(self, now: float) -> bool:
+        return self.expires_at is None or self.expires_at > now
+
+
+class MemoryBackend(StateBackend):
+    """Sessions in a dict of this process. Lost when the process exits.
+
+    Every method body runs without an `await`, so on one event loop each call is
+    atomic without a lock.
+    """
+
+    scheme = "memory"
+
+    def __init__(self) -> None:
+        self._rows: dict[str, _Row] = {}
+
+    async def create(self, session_id: str, *, owner: str | None, expires_at: float | None, now: float) -> None:
+        row = self._rows.get(session_id)
+        if row is not None and row.live(now):
+            raise ConflictError(f"session {session_id!r} already exists")
+        self._rows[session_id] = _Row(version=1, stage=None, owner=owner, expires_at=expires_at)
+
+    async def load(self, session_id: str, *, now: float, known_version: int | None = None) -> SessionRecord | None:
+        row = self._rows.get(session_id)
+        if row is None or not row.live(now):
+            return None
+        values = None if known_version == row.version else dict(row.values)
+        return SessionRecord(session_id, row.version, values, row.stage, row.owner, row.expires_at)
+
+    async def commit(self, commit: Commit, *, now: float) -> int:
+        row = self._rows.get(commit.session_id)
+        if row is not None and not row.live(now):
+            row = None
+        if commit.expected_version == 0:
+            if row is not None:
+                raise ConflictError(f"session {commit.session_id!r} was created concurrently")
+            row = _Row(version=0, stage=None, owner=commit.owner, expires_at=None)
+        elif row is None:
+            raise ConflictError(f"session {commit.session_id!r} no longer exists (deleted or expired)")
+        elif row.version != commit.expected_version:
+            raise ConflictError(
+                f"session {commit.session_id!r} is at version {row.version}, expected {commit.expected_version}"
+            )
+        if commit.clear:
+            row.values.clear()
+        for key, value in commit.changes.items():
+            if value is None:
+                row.values.pop(key, None)
+            else:
+                row.values[key] = value
+        if commit.stage is not UNCHANGED:
+            row.stage = commit.stage  # type: ignore[assignment]
+        row.expires_at = commit.expires_at
+        row.version += 1
+        self._rows[commit.session_id] = row
+        return row.version
+
+    async def delete(self, session_id: str) -> bool:
+        return self._rows.pop(session_id, None) is not None
+
+    async def clear_expired(self, *, now: float) -> int:
+        expired = [sid for sid, row in self._rows.items() if not row.live(now)]
+        for sid in expired:
+            del self._rows[sid]
+        return len(expired)

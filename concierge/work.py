@@ -1,0 +1,404 @@
+"""The unit of work: one request's view of one session's state.
+
+A `UnitOfWork` is bound to a contextvar around each request that runs user
+code. `get_state`/`set_state`/`delete_state` are synchronous and touch only its
+working copy; the `SessionStore` commits the changed keys in one backend call
+after the handler returns, or drops them when it failed. Sync tools run in a
+worker thread with a copy of the context, which still points at the same
+`UnitOfWork` object, so their writes land in it too.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from pydantic import BaseModel
+
+from concierge.errors import (
+    ConflictError,
+    NoSessionError,
+    StateKeyError,
+    StateTypeError,
+    StateUnavailableError,
+    StateValueError,
+)
+from concierge.state.base import UNCHANGED, Commit, StateBackend
+
+__all__ = ["MAX_KEY_LENGTH", "SessionStore", "UnitOfWork", "current_unit", "decode", "encode"]
+
+logger = logging.getLogger("concierge")
+
+MAX_KEY_LENGTH = 256
+"""Longest state key accepted, in characters."""
+
+_current: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar("concierge_unit", default=None)
+
+
+def current_unit(operation: str) -> UnitOfWork:
+    """The unit of work bound to this request.
+
+    Raises:
+        NoSessionError: called outside a request concierge serves, or in one
+            that carries no session.
+    """
+    unit = _current.get()
+    if unit is None:
+        raise NoSessionError(
+            f"{operation} was called outside a tool call, resource read or prompt served by Concierge; "
+            "state belongs to a session, and only a request has one"
+        )
+    if unit.session_id is None:
+        raise NoSessionError(f"{operation}: {unit.no_session_reason}")
+    return unit
+
+
+def check_key(key: object) -> str:
+    """Validate a state key: a non-empty `str` of at most `MAX_KEY_LENGTH` characters."""
+    if not isinstance(key, str):
+        raise StateKeyError(f"state key must be a str, not {type(key).__name__}")
+    if not key:
+        raise StateKeyError("state key must not be empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise StateKeyError(f"state key {key[:32]!r}... is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}")
+    return key
+
+
+def encode(key: str, value: Any, max_bytes: int | None = None) -> str:
+    """Encode `value` as compact JSON text (pydantic models via `model_dump(mode="json")`).
+
+    Raises:
+        StateTypeError: the value (or something inside it) is not JSON-serialisable.
+        StateValueError: the encoding is longer than `max_bytes`.
+    """
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_reject)
+    except _NotJSON as exc:
+        hint = _HINTS.get(exc.type_name, "convert it to a JSON type (dict, list, str, int, float, bool, None)")
+        where = "value" if exc.value is value else f"value contains an object that"
+        raise StateTypeError(
+            f"state key {key!r}: {where} of type {exc.type_name} is not JSON-serialisable; {hint}"
+        ) from None
+    except ValueError as exc:  # NaN / Infinity, or a circular reference
+        raise StateTypeError(f"state key {key!r}: value is not valid JSON ({exc})") from None
+    if max_bytes is not None:
+        size = len(text.encode())
+        if size > max_bytes:
+            raise StateValueError(
+                f"state key {key!r}: value is {size} bytes as JSON; the limit (max_value_bytes) is {max_bytes}"
+            )
+    return text
+
+
+def decode(text: str) -> Any:
+    """A fresh Python value from stored JSON text."""
+    return json.loads(text)
+
+
+class _NotJSON(TypeError):
+    def __init__(self, value: Any) -> None:
+        super().__init__(type(value).__name__)
+        self.value = value
+        self.type_name = type(value).__name__
+
+
+def _reject(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise _NotJSON(value)
+
+
+_HINTS = {
+    "set": "convert it to a list",
+    "frozenset": "convert it to a list",
+    "bytes": "decode it to a str (e.g. base64)",
+    "datetime": "store value.isoformat()",
+    "date": "store value.isoformat()",
+    "Decimal": "store it as a str or float",
+    "UUID": "store str(value)",
+}
+
+
+@dataclass(eq=False)
+class UnitOfWork:
+    """One request's working copy of one session's state.
+
+    Attributes:
+        session_id: the storage id of the session, `None` when the request has none.
+        version: the version loaded (0: the session does not exist yet).
+        base: the stored values when loaded (key -> JSON text); never mutated.
+        changes: keys written (JSON text) or deleted (`None`) by this request.
+    """
+
+    session_id: str | None
+    version: int = 0
+    base: dict[str, str] = field(default_factory=dict)
+    stage: str | None = None
+    owner: str | None = None
+    expires_at: float | None = None
+    changes: dict[str, str | None] = field(default_factory=dict)
+    cleared: bool = False
+    stage_changed: bool = False
+    must_persist: bool = False
+    max_value_bytes: int | None = None
+    no_session_reason: str = "this request has no session"
+    tool: str | None = None
+
+    # -- the dict API ---------------------------------------------------------
+    def raw(self, key: str) -> str | None:
+        if key in self.changes:
+            return self.changes[key]
+        if self.cleared:
+            return None
+        return self.base.get(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        text = self.raw(check_key(key))
+        return default if text is None else decode(text)
+
+    def set(self, key: str, value: Any) -> None:
+        key = check_key(key)
+        self.changes[key] = encode(key, value, self.max_value_bytes)
+
+    def delete(self, key: str) -> None:
+        key = check_key(key)
+        if self.raw(key) is not None or key in self.changes:
+            self.changes[key] = None
+
+    def keys(self) -> Iterator[str]:
+        visible = set() if self.cleared else set(self.base)
+        for key, value in self.changes.items():
+            if value is None:
+                visible.discard(key)
+            else:
+                visible.add(key)
+        return iter(sorted(visible))
+
+    def clear(self) -> None:
+        """Drop every key (and the stage) of the session, as `terminate_session` does."""
+        self.cleared = True
+        self.changes.clear()
+        self.set_stage(None)
+
+    def set_stage(self, stage: str | None) -> None:
+        if stage != self.stage:
+            self.stage = stage
+            self.stage_changed = True
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.changes) or self.cleared or self.stage_changed or self.must_persist
+
+    def committed_values(self) -> dict[str, str]:
+        """The session's values as they stand after this unit commits."""
+        values = {} if self.cleared else dict(self.base)
+        for key, value in self.changes.items():
+            if value is None:
+                values.pop(key, None)
+            else:
+                values[key] = value
+        return values
+
+
+class _Snapshots:
+    """A bounded LRU of the last committed values per session, tagged with their version.
+
+    With it, a call on a session this process served last only checks the
+    stored version instead of reading every key again, so a call costs the same
+    whether the session holds one key or a thousand.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[int, dict[str, str]]] = OrderedDict()
+
+    def get(self, session_id: str) -> tuple[int, dict[str, str]] | None:
+        item = self._items.get(session_id)
+        if item is not None:
+            self._items.move_to_end(session_id)
+        return item
+
+    def put(self, session_id: str, version: int, values: dict[str, str]) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[session_id] = (version, values)
+        self._items.move_to_end(session_id)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def drop(self, session_id: str) -> None:
+        self._items.pop(session_id, None)
+
+
+class _Locks:
+    """Per-session locks that exist only while someone holds or waits for them."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[anyio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, session_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(session_id, (None, 0))
+        if lock is None:
+            lock = anyio.Lock()
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+
+class SessionStore:
+    """Runs units of work against a backend: load, bind, commit, serialise per session.
+
+    Args:
+        backend: where sessions persist.
+        ttl: seconds of inactivity after which a session expires (`None` = never).
+        clock: returns the current time in epoch seconds; inject one in tests.
+        max_value_bytes: largest JSON encoding accepted by `set_state`.
+        snapshot_capacity: sessions whose last values are cached in this process.
+    """
+
+    def __init__(
+        self,
+        backend: StateBackend,
+        *,
+        ttl: float | None = None,
+        clock: Callable[[], float] = time.time,
+        max_value_bytes: int | None = None,
+        snapshot_capacity: int = 4096,
+    ) -> None:
+        self.backend = backend
+        self.ttl = ttl
+        self.clock = clock
+        self.max_value_bytes = max_value_bytes
+        self._snapshots = _Snapshots(snapshot_capacity)
+        self._locks = _Locks()
+        self._opened = 0
+        self._open_lock = anyio.Lock()
+
+    # -- lifecycle --------------------------------------------------------------
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[SessionStore]:
+        """Open the backend for the span of a server lifespan.
+
+        Lifespans nest (every in-process client enters one), so the backend is
+        opened by the first and closed by the last.
+        """
+        async with self._open_lock:
+            if self._opened == 0:
+                await self.backend.open()
+            self._opened += 1
+        try:
+            yield self
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._open_lock:
+                    self._opened -= 1
+                    if self._opened == 0:
+                        await self.backend.close()
+
+    def expiry(self, now: float) -> float | None:
+        return None if self.ttl is None else now + self.ttl
+
+    # -- units of work ----------------------------------------------------------
+    def unbound(self, reason: str) -> UnitOfWork:
+        """A unit for a request that has no session: state calls raise `reason`."""
+        return UnitOfWork(session_id=None, no_session_reason=reason)
+
+    async def load(self, session_id: str, *, create: bool) -> UnitOfWork | None:
+        """Load a session into a fresh unit of work.
+
+        Returns `None` when the session does not exist and `create` is false.
+        With `create`, a missing session yields an empty unit at version 0 that
+        the commit will create.
+        """
+        now = self.clock()
+        cached = self._snapshots.get(session_id)
+        try:
+            record = await self.backend.load(session_id, now=now, known_version=cached[0] if cached else None)
+        except StateUnavailableError:
+            raise
+        if record is None:
+            self._snapshots.drop(session_id)
+            if not create:
+                return None
+            return UnitOfWork(session_id=session_id, max_value_bytes=self.max_value_bytes)
+        if record.values is None:
+            assert cached is not None
+            values = cached[1]
+        else:
+            values = record.values
+            self._snapshots.put(session_id, record.version, values)
+        return UnitOfWork(
+            session_id=session_id,
+            version=record.version,
+            base=values,
+            stage=record.stage,
+            owner=record.owner,
+            expires_at=record.expires_at,
+            max_value_bytes=self.max_value_bytes,
+        )
+
+    @asynccontextmanager
+    async def locked(self, session_id: str) -> AsyncIterator[None]:
+        """Serialise units of work on one session within this process."""
+        async with self._locks.hold(session_id):
+            yield
+
+    @staticmethod
+    @contextmanager
+    def bind(unit: UnitOfWork) -> Iterator[UnitOfWork]:
+        """Bind `unit` as the current unit of work for the code run inside."""
+        token = _current.set(unit)
+        try:
+            yield unit
+        finally:
+            _current.reset(token)
+
+    async def commit(self, unit: UnitOfWork) -> None:
+        """Write the unit's changes in one backend call, if it has any.
+
+        Raises:
+            ConflictError: another process committed to the session first.
+            StateUnavailableError: the backend could not be reached.
+        """
+        assert unit.session_id is not None
+        if not unit.dirty:
+            return
+        now = self.clock()
+        commit = Commit(
+            session_id=unit.session_id,
+            expected_version=unit.version,
+            changes=dict(unit.changes),
+            clear=unit.cleared,
+            stage=unit.stage if unit.stage_changed else UNCHANGED,
+            owner=unit.owner,
+            expires_at=self.expiry(now),
+        )
+        try:
+            version = await self.backend.commit(commit, now=now)
+        except ConflictError:
+            self._snapshots.drop(unit.session_id)
+            raise
+        self._snapshots.put(unit.session_id, version, unit.committed_values())
+
+    async def delete(self, session_id: str) -> bool:
+        """Delete a session outright."""
+        self._snapshots.drop(session_id)
+        return await self.backend.delete(session_id)

@@ -1,0 +1,1 @@
+"""Bundled examples: `python -m concierge` lists them, `python -m concierge NAME` runs one."""
