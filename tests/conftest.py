@@ -1,0 +1,166 @@
+"""Shared fixtures: a real throwaway PostgreSQL, and one state URL per backend.
+
+PostgreSQL: `CONCIERGE_TEST_POSTGRES_URL` points the tests at an existing server
+(each test gets a fresh database created on it). Otherwise, when the server
+binaries (`initdb`, `pg_ctl`) are installed, a throwaway cluster is started in
+a temporary directory for the test session and stopped after it. Without
+either, the Postgres tests skip with that reason - except under `CI=true`, where
+they fail: CI must run them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_ENV = "CONCIERGE_TEST_POSTGRES_URL"
+BACKENDS = ["memory", "sqlite", "postgres"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for base in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (base / name).exists():
+            return str(base / name)
+    return None
+
+
+class _ThrowawayPostgres:
+    """A PostgreSQL cluster in a temp dir, run as the unprivileged `postgres` user when we are root."""
+
+    def __init__(self) -> None:
+        self.initdb = _pg_bin("initdb")
+        self.pg_ctl = _pg_bin("pg_ctl")
+        if not (self.initdb and self.pg_ctl):
+            raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        self.port = _free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="concierge-pg-"))
+        self.data = self.root / "data"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True)
+                pw = pwd.getpwnam("postgres")
+            os.chmod(self.root, 0o755)
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, *args],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+        )
+
+    def start(self) -> str:
+        self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.data} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(self.pg_ctl, "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "start")
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        try:
+            self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """The admin URL of a running PostgreSQL server (skips when none can be had)."""
+    url = os.environ.get(PG_ENV)
+    if url:
+        yield url
+        return
+    try:
+        server = _ThrowawayPostgres()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Postgres tests, but {exc}")
+        pytest.skip(f"Postgres tests skipped: {exc} and {PG_ENV} is not set")
+    try:
+        admin_url = server.start()
+    except subprocess.CalledProcessError as exc:
+        server.stop()
+        message = f"could not start a throwaway PostgreSQL: {exc.stderr.decode(errors='replace')}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield admin_url
+    finally:
+        server.stop()
+
+
+def _with_database(url: str, database: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{database}"
+
+
+def fresh_postgres_database(admin_url: str) -> str:
+    """Create an empty database on the server and return its URL."""
+    import asyncpg
+
+    name = "t_" + uuid.uuid4().hex[:16]
+
+    async def create() -> None:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return _with_database(admin_url, name)
+
+
+@pytest.fixture(params=BACKENDS)
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A state URL naming a fresh, empty store, once per backend."""
+    kind = request.param
+    if kind == "memory":
+        return "memory://"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    admin = request.getfixturevalue("postgres_server")
+    return fresh_postgres_database(admin)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A state URL naming a fresh, empty store on each backend that survives a restart."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return fresh_postgres_database(request.getfixturevalue("postgres_server"))
