@@ -163,6 +163,8 @@ class Concierge(MCPServer[Any]):
         """Put a tool in stage `name`; usable above or below `@app.tool()`.
 
         Stages are ordered by first mention; the first is where sessions start.
+        When `app.stages` is also assigned, its order comes first and stages
+        named only by decorators follow it.
         """
 
         def decorator(fn: _F) -> _F:
@@ -341,7 +343,9 @@ class Concierge(MCPServer[Any]):
             unit.tool = name
             refusal = self._stage_refusal(unit, name)
             if refusal is not None:
-                return self._with_handle(self._error(ctx, refusal), identity)
+                # A refused first call creates nothing, so it hands out no handle.
+                error = self._error(ctx, refusal)
+                return error if identity.is_new else self._with_handle(error, identity)
             stage_before = unit.stage
             with SessionStore.bind(unit):
                 result = await call_next(ctx)
