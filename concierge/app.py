@@ -421,7 +421,10 @@ class Concierge(MCPServer[Any]):
             with SessionStore.bind(self._store.unbound(reason)):
                 return await call_next(ctx)
         async with self._store.locked(identity.session_id):
-            unit = await self._store.load(identity.session_id, create=not identity.via_handle)
+            try:
+                unit = await self._store.load(identity.session_id, create=not identity.via_handle)
+            except StateUnavailableError as exc:
+                raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from exc
             if unit is None or (identity.via_handle and unit.owner != identity.owner):
                 unit = self._store.unbound(self._unknown_session(identity))
                 with SessionStore.bind(unit):
@@ -447,7 +450,10 @@ class Concierge(MCPServer[Any]):
         if filtering:
             session_id = sessions.wire_session(ctx)
             assert session_id is not None
-            unit = await self._store.load(session_id, create=True)
+            try:
+                unit = await self._store.load(session_id, create=True)
+            except StateUnavailableError as exc:
+                raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from exc
             stage = graph.current(unit.stage if unit else None)
         tools = []
         for tool in result["tools"]:

@@ -28,7 +28,6 @@ from concierge.errors import (
     NoSessionError,
     StateKeyError,
     StateTypeError,
-    StateUnavailableError,
     StateValueError,
 )
 from concierge.state.base import UNCHANGED, Commit, StateBackend
@@ -146,6 +145,7 @@ class UnitOfWork:
     stage: str | None = None
     owner: str | None = None
     expires_at: float | None = None
+    created_at: float = 0.0
     changes: dict[str, str | None] = field(default_factory=dict)
     cleared: bool = False
     stage_changed: bool = False
@@ -220,18 +220,18 @@ class _Snapshots:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[int, dict[str, str]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[int, float, dict[str, str]]] = OrderedDict()
 
-    def get(self, session_id: str) -> tuple[int, dict[str, str]] | None:
+    def get(self, session_id: str) -> tuple[int, float, dict[str, str]] | None:
         item = self._items.get(session_id)
         if item is not None:
             self._items.move_to_end(session_id)
         return item
 
-    def put(self, session_id: str, version: int, values: dict[str, str]) -> None:
+    def put(self, session_id: str, version: int, created_at: float, values: dict[str, str]) -> None:
         if self.capacity <= 0:
             return
-        self._items[session_id] = (version, values)
+        self._items[session_id] = (version, created_at, values)
         self._items.move_to_end(session_id)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
@@ -330,10 +330,10 @@ class SessionStore:
         """
         now = self.clock()
         cached = self._snapshots.get(session_id)
-        try:
-            record = await self.backend.load(session_id, now=now, known_version=cached[0] if cached else None)
-        except StateUnavailableError:
-            raise
+        if cached is None:
+            record = await self.backend.load(session_id, now=now)
+        else:
+            record = await self.backend.load(session_id, now=now, known_version=cached[0], known_created_at=cached[1])
         if record is None:
             self._snapshots.drop(session_id)
             if not create:
@@ -341,10 +341,10 @@ class SessionStore:
             return UnitOfWork(session_id=session_id, max_value_bytes=self.max_value_bytes)
         if record.values is None:
             assert cached is not None
-            values = cached[1]
+            values = cached[2]
         else:
             values = record.values
-            self._snapshots.put(session_id, record.version, values)
+            self._snapshots.put(session_id, record.version, record.created_at, values)
         return UnitOfWork(
             session_id=session_id,
             version=record.version,
@@ -352,6 +352,7 @@ class SessionStore:
             stage=record.stage,
             owner=record.owner,
             expires_at=record.expires_at,
+            created_at=record.created_at,
             max_value_bytes=self.max_value_bytes,
         )
 
@@ -396,7 +397,9 @@ class SessionStore:
         except ConflictError:
             self._snapshots.drop(unit.session_id)
             raise
-        self._snapshots.put(unit.session_id, version, unit.committed_values())
+        # A creating commit stamps `now` as the new life's created_at.
+        created_at = now if unit.version == 0 else unit.created_at
+        self._snapshots.put(unit.session_id, version, created_at, unit.committed_values())
 
     async def delete(self, session_id: str) -> bool:
         """Delete a session outright."""

@@ -77,3 +77,32 @@ def test_deleting_an_absent_key_writes_nothing() -> None:
     unit = UnitOfWork(session_id="s")
     unit.delete("nothing")
     assert not unit.dirty
+
+
+@pytest.mark.anyio
+async def test_a_cached_session_recreated_elsewhere_after_expiry_is_read_again(state_url: str) -> None:
+    """Versions restart at 1 for a new life of a session id; the cache must not mistake it for the old one."""
+    from concierge.state import backend_from_url
+    from concierge.work import SessionStore
+
+    now = [1000.0]
+    backend_a = backend_from_url(state_url)
+    # memory:// is per process: share the instance so both stores see one store, as two processes would on SQL.
+    backend_b = backend_a if state_url.startswith("memory") else backend_from_url(state_url)
+    a = SessionStore(backend_a, ttl=10, clock=lambda: now[0])
+    b = SessionStore(backend_b, ttl=10, clock=lambda: now[0])
+    async with a.opened(), b.opened():
+        unit = await a.load("s", create=True)
+        assert unit is not None
+        unit.set("cart", ["old"])
+        await a.commit(unit)  # a caches (v1, old life)
+
+        now[0] += 60  # the session expires; b starts a new life at version 1
+        fresh = await b.load("s", create=True)
+        assert fresh is not None and fresh.version == 0
+        fresh.set("cart", ["new"])
+        await b.commit(fresh)
+
+        again = await a.load("s", create=False)
+        assert again is not None
+        assert again.get("cart") == ["new"]

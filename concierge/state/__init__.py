@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from concierge.errors import ConfigurationError
 from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
@@ -32,16 +32,25 @@ SUPPORTED = "memory://, sqlite:///path.db, postgresql://user:password@host:port/
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`, safe to print or log."""
+    """`url` with any password (in the authority or a `password=` query item) replaced by `***`."""
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+    secret_query = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_PARAMS]
+    if password is None and not secret_query:
+        return url  # rebuilding would drop the empty authority of sqlite:///...
+    if password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if secret_query:
+        items = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, True)]
+        parts = parts._replace(query=urlencode(items, safe="*"))
+    return parts.geturl()
+
+
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
 
 
 def backend_from_url(url: str | None) -> StateBackend:

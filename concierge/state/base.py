@@ -34,8 +34,12 @@ class SessionRecord:
     """A session as stored.
 
     `values` maps each key to its JSON text. It is `None` only when `load` was
-    given `known_version` equal to the stored version: the caller's cached
-    values are still current and were not read again.
+    given the stored `known_version` (and `known_created_at`): the caller's
+    cached values are still current and were not read again.
+
+    `created_at` tells apart two lives of one session id: versions start again
+    at 1 when a session is created anew after it expired or was deleted, so a
+    cached `(created_at, version)` pair, not the version alone, names one state.
     """
 
     session_id: str
@@ -44,6 +48,7 @@ class SessionRecord:
     stage: str | None = None
     owner: str | None = None
     expires_at: float | None = None
+    created_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -102,13 +107,23 @@ class StateBackend(ABC):
         """
 
     @abstractmethod
-    async def load(self, session_id: str, *, now: float, known_version: int | None = None) -> SessionRecord | None:
+    async def load(
+        self,
+        session_id: str,
+        *,
+        now: float,
+        known_version: int | None = None,
+        known_created_at: float | None = None,
+    ) -> SessionRecord | None:
         """Return the live session, or `None` when it does not exist or has expired.
 
         Args:
             known_version: the version whose values the caller already holds;
-                when it equals the stored version, the record comes back with
-                `values=None` instead of reading every key again.
+                when it equals the stored version (and `known_created_at`, when
+                given, equals the stored `created_at`), the record comes back
+                with `values=None` instead of reading every key again.
+            known_created_at: the `created_at` of the session life the caller's
+                values belong to.
         """
 
     @abstractmethod
@@ -117,7 +132,9 @@ class StateBackend(ABC):
 
         With `expected_version == 0` the session is created (at version 1);
         otherwise the stored version must equal `expected_version`. Nothing is
-        written when this raises.
+        written when this raises - except that a connection lost during the
+        final COMMIT leaves the outcome unknown; the version check then makes
+        a retry safe (it fails with `ConflictError` if the first attempt landed).
 
         Raises:
             ConflictError: the stored version differs, the session to create

@@ -16,6 +16,7 @@ class _Row:
     stage: str | None
     owner: str | None
     expires_at: float | None
+    created_at: float
     values: dict[str, str] = field(default_factory=dict)
 
     def live(self, now: float) -> bool:
@@ -38,14 +39,22 @@ class MemoryBackend(StateBackend):
         row = self._rows.get(session_id)
         if row is not None and row.live(now):
             raise ConflictError(f"session {session_id!r} already exists")
-        self._rows[session_id] = _Row(version=1, stage=None, owner=owner, expires_at=expires_at)
+        self._rows[session_id] = _Row(version=1, stage=None, owner=owner, expires_at=expires_at, created_at=now)
 
-    async def load(self, session_id: str, *, now: float, known_version: int | None = None) -> SessionRecord | None:
+    async def load(
+        self,
+        session_id: str,
+        *,
+        now: float,
+        known_version: int | None = None,
+        known_created_at: float | None = None,
+    ) -> SessionRecord | None:
         row = self._rows.get(session_id)
         if row is None or not row.live(now):
             return None
-        values = None if known_version == row.version else dict(row.values)
-        return SessionRecord(session_id, row.version, values, row.stage, row.owner, row.expires_at)
+        current = known_version == row.version and known_created_at in (None, row.created_at)
+        values = None if current else dict(row.values)
+        return SessionRecord(session_id, row.version, values, row.stage, row.owner, row.expires_at, row.created_at)
 
     async def commit(self, commit: Commit, *, now: float) -> int:
         row = self._rows.get(commit.session_id)
@@ -54,7 +63,7 @@ class MemoryBackend(StateBackend):
         if commit.expected_version == 0:
             if row is not None:
                 raise ConflictError(f"session {commit.session_id!r} was created concurrently")
-            row = _Row(version=0, stage=None, owner=commit.owner, expires_at=None)
+            row = _Row(version=0, stage=None, owner=commit.owner, expires_at=None, created_at=now)
         elif row is None:
             raise ConflictError(f"session {commit.session_id!r} no longer exists (deleted or expired)")
         elif row.version != commit.expected_version:

@@ -1,0 +1,269 @@
+"""What the SQL backends share: the schema, its migrations and every statement of the contract.
+
+The statements are written once, in the SQL that SQLite and PostgreSQL both
+accept, with `$1`-style placeholders (asyncpg's; the SQLite backend rewrites
+them to `?1`). A backend module only supplies a connection: `_connect`,
+`_disconnect` and `_begin` (one transaction, driver errors mapped to
+`StateUnavailableError`).
+
+Layout:
+
+- `concierge_sessions`: one row per session; `version` is the optimistic lock
+  every commit checks and bumps in the same statement; `expires_at` is indexed
+  for the sweep.
+- `concierge_values`: one row per (session, key); deleting a session cascades.
+- `concierge_migrations`: one row per applied step of `MIGRATIONS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol
+
+import anyio
+
+from concierge.errors import ConflictError, StateUnavailableError
+from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
+
+logger = logging.getLogger("concierge")
+
+#: The schema, append-only: position + 1 is the version a step brings the store
+#: to. Never edit or reorder a step that has shipped; append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE concierge_sessions ("
+        " id TEXT PRIMARY KEY,"
+        " version BIGINT NOT NULL,"
+        " stage TEXT,"
+        " owner TEXT,"
+        " created_at DOUBLE PRECISION NOT NULL,"
+        " updated_at DOUBLE PRECISION NOT NULL,"
+        " expires_at DOUBLE PRECISION)",
+        "CREATE INDEX concierge_sessions_expires_at ON concierge_sessions (expires_at)",
+        "CREATE TABLE concierge_values ("
+        " session_id TEXT NOT NULL REFERENCES concierge_sessions (id) ON DELETE CASCADE,"
+        " key TEXT NOT NULL,"
+        " value TEXT NOT NULL,"
+        " PRIMARY KEY (session_id, key))",
+    ),
+)
+
+_MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS concierge_migrations ("
+    " version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+)
+_LIVE = "(expires_at IS NULL OR expires_at > $2)"
+
+# Creation is one upsert: it inserts, or replaces a row that has expired, and
+# touches nothing (0 rows) when a live session holds the id.
+_CREATE = (
+    "INSERT INTO concierge_sessions (id, version, stage, owner, created_at, updated_at, expires_at)"
+    " VALUES ($1, 1, $2, $3, $4, $4, $5)"
+    " ON CONFLICT (id) DO UPDATE SET version = 1, stage = excluded.stage, owner = excluded.owner,"
+    " created_at = excluded.created_at, updated_at = excluded.updated_at, expires_at = excluded.expires_at"
+    " WHERE concierge_sessions.expires_at IS NOT NULL AND concierge_sessions.expires_at <= $4"
+)
+# The version check and the bump are one statement: 0 rows means another
+# writer, a delete or an expiry got there first.
+_BUMP = (
+    "UPDATE concierge_sessions SET version = version + 1, updated_at = $2, expires_at = $4{stage}"
+    f" WHERE id = $1 AND version = $3 AND {_LIVE}"
+)
+# `load` first reads the session row alone: when the caller's `known_version`
+# is current that is all it costs, however many keys the session holds.
+# Otherwise one more statement reads the row again with its values, so the
+# two always come from one snapshot.
+_LOAD_ROW = (
+    "SELECT version, stage, owner, expires_at, created_at FROM concierge_sessions"
+    " WHERE id = $1 AND (expires_at IS NULL OR expires_at > $2)"
+)
+_LOAD_ALL = (
+    "SELECT s.version, s.stage, s.owner, s.expires_at, s.created_at, v.key, v.value FROM concierge_sessions s"
+    " LEFT JOIN concierge_values v ON v.session_id = s.id"
+    " WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > $2)"
+)
+_VERSION = f"SELECT version FROM concierge_sessions WHERE id = $1 AND {_LIVE}"
+_CLEAR_VALUES = "DELETE FROM concierge_values WHERE session_id = $1"
+_DELETE_VALUE = "DELETE FROM concierge_values WHERE session_id = $1 AND key = $2"
+_PUT_VALUE = (
+    "INSERT INTO concierge_values (session_id, key, value) VALUES ($1, $2, $3)"
+    " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value"
+)
+_DELETE = "DELETE FROM concierge_sessions WHERE id = $1"
+
+
+class Tx(Protocol):
+    """One open transaction (or, for reads, one connection) of a SQL backend."""
+
+    async def fetch(self, sql: str, *args: Any) -> Sequence[Sequence[Any]]:
+        """Run `sql` and return all its rows."""
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run `sql` and return how many rows it changed."""
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run `sql` once per parameter tuple."""
+
+
+class SQLBackend(StateBackend):
+    """The contract of `StateBackend` in SQL; subclasses supply the connection."""
+
+    #: Deletes every session expired at `$1`; a dialect may refine it.
+    _clear_expired_sql = "DELETE FROM concierge_sessions WHERE expires_at <= $1"
+
+    def __init__(self) -> None:
+        self._open_lock = anyio.Lock()
+        self._opened = False
+
+    # -- what a backend module supplies ----------------------------------------
+    @abstractmethod
+    async def _connect(self) -> None:
+        """Open the connection or pool (no schema work). Raises `StateUnavailableError`."""
+
+    @abstractmethod
+    async def _disconnect(self) -> None:
+        """Release the connection or pool; must not raise."""
+
+    @abstractmethod
+    def _begin(self, *, write: bool) -> AbstractAsyncContextManager[Tx]:
+        """A transaction, committed on normal exit and rolled back on any exception.
+
+        `write=False` may skip the transaction for a single read statement.
+        Driver errors that mean the store cannot be reached leave as
+        `StateUnavailableError`; `ConflictError` raised inside passes unchanged.
+        """
+
+    async def _migration_lock(self, tx: Tx) -> None:
+        """Serialise migrations across processes, inside `tx` (no-op where `_begin` already does)."""
+
+    @abstractmethod
+    def _where(self) -> str:
+        """Where the store is, for messages (never a password)."""
+
+    # -- lifecycle -------------------------------------------------------------
+    async def open(self) -> None:
+        async with self._open_lock:
+            if self._opened:
+                return
+            await self._connect()
+            try:
+                await self._migrate()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._disconnect()
+                raise
+            self._opened = True
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            async with self._open_lock:
+                self._opened = False
+                await self._disconnect()
+
+    @asynccontextmanager
+    async def _transaction(self, *, write: bool) -> AsyncIterator[Tx]:
+        # A backend used without `open()` opens itself on first use.
+        if not self._opened:
+            await self.open()
+        async with self._begin(write=write) as tx:
+            yield tx
+
+    async def _migrate(self) -> None:
+        """Apply the pending steps of `MIGRATIONS`, each in its own transaction with its version row."""
+        while True:
+            async with self._begin(write=True) as tx:
+                await self._migration_lock(tx)
+                await tx.execute(_MIGRATIONS_TABLE)
+                rows = await tx.fetch("SELECT COALESCE(MAX(version), 0) FROM concierge_migrations")
+                current = int(rows[0][0])
+                if current > len(MIGRATIONS):
+                    raise StateUnavailableError(
+                        f"{self._where()} has schema version {current}, newer than this concierge knows "
+                        f"({len(MIGRATIONS)}); upgrade concierge"
+                    )
+                if current == len(MIGRATIONS):
+                    return
+                for statement in MIGRATIONS[current]:
+                    await tx.execute(statement)
+                await tx.execute(
+                    "INSERT INTO concierge_migrations (version, applied_at) VALUES ($1, $2)", current + 1, time.time()
+                )
+            logger.info("%s: applied schema migration %d", self._where(), current + 1)
+
+    # -- the contract ----------------------------------------------------------
+    async def create(self, session_id: str, *, owner: str | None, expires_at: float | None, now: float) -> None:
+        async with self._transaction(write=True) as tx:
+            if not await tx.execute(_CREATE, session_id, None, owner, now, expires_at):
+                raise ConflictError(f"session {session_id!r} already exists")
+            await tx.execute(_CLEAR_VALUES, session_id)  # what an expired predecessor left
+
+    async def load(
+        self,
+        session_id: str,
+        *,
+        now: float,
+        known_version: int | None = None,
+        known_created_at: float | None = None,
+    ) -> SessionRecord | None:
+        async with self._transaction(write=False) as tx:
+            if known_version is not None:
+                rows = await tx.fetch(_LOAD_ROW, session_id, now)
+                if not rows:
+                    return None
+                version, stage, owner, expires_at, created_at = rows[0]
+                if version == known_version and known_created_at in (None, created_at):
+                    return SessionRecord(session_id, int(version), None, stage, owner, expires_at, created_at)
+            rows = await tx.fetch(_LOAD_ALL, session_id, now)
+        if not rows:
+            return None
+        version, stage, owner, expires_at, created_at = rows[0][:5]
+        values = {row[5]: row[6] for row in rows if row[5] is not None}
+        return SessionRecord(session_id, int(version), values, stage, owner, expires_at, created_at)
+
+    async def commit(self, commit: Commit, *, now: float) -> int:
+        sid = commit.session_id
+        async with self._transaction(write=True) as tx:
+            if commit.expected_version == 0:
+                stage = None if commit.stage is UNCHANGED else commit.stage
+                if not await tx.execute(_CREATE, sid, stage, commit.owner, now, commit.expires_at):
+                    raise ConflictError(f"session {sid!r} was created concurrently")
+                await tx.execute(_CLEAR_VALUES, sid)
+                version = 1
+            else:
+                if commit.stage is UNCHANGED:
+                    bumped = await tx.execute(_BUMP.format(stage=""), sid, now, commit.expected_version, commit.expires_at)
+                else:
+                    bumped = await tx.execute(
+                        _BUMP.format(stage=", stage = $5"), sid, now, commit.expected_version, commit.expires_at,
+                        commit.stage,
+                    )
+                if not bumped:
+                    rows = await tx.fetch(_VERSION, sid, now)
+                    if not rows:
+                        raise ConflictError(f"session {sid!r} no longer exists (deleted or expired)")
+                    raise ConflictError(
+                        f"session {sid!r} is at version {rows[0][0]}, expected {commit.expected_version}"
+                    )
+                version = commit.expected_version + 1
+                if commit.clear:
+                    await tx.execute(_CLEAR_VALUES, sid)
+            # Only the keys this unit touched: the cost follows the change, not the session's size.
+            removed = [(sid, key) for key, value in commit.changes.items() if value is None]
+            written = [(sid, key, value) for key, value in commit.changes.items() if value is not None]
+            if removed:
+                await tx.executemany(_DELETE_VALUE, removed)
+            if written:
+                await tx.executemany(_PUT_VALUE, written)
+        return version
+
+    async def delete(self, session_id: str) -> bool:
+        async with self._transaction(write=True) as tx:
+            return bool(await tx.execute(_DELETE, session_id))
+
+    async def clear_expired(self, *, now: float) -> int:
+        async with self._transaction(write=True) as tx:
+            return await tx.execute(self._clear_expired_sql, now)

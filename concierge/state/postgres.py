@@ -1,0 +1,207 @@
+"""PostgreSQL backend on asyncpg: sessions shared by every process that reaches the server.
+
+One pool per backend, opened by `open()` and closed by `close()`. Each commit
+is one transaction; the version check and bump is a single `UPDATE`, whose
+row lock makes concurrent writers to one session queue up and all but the
+first see a changed version. A dropped server surfaces as
+`StateUnavailableError`; the pool replaces dead connections on its own, so the
+same backend works again as soon as the server is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+import anyio
+import asyncpg
+
+from concierge.errors import ConfigurationError, StateUnavailableError
+from concierge.state import redact_url
+from concierge.state._sql import SQLBackend, Tx
+
+__all__ = ["PostgresBackend"]
+
+logger = logging.getLogger("concierge")
+
+#: `pg_advisory_xact_lock` key that serialises migrations ("concierg" as a signed 64-bit int).
+MIGRATION_LOCK_KEY = int.from_bytes(b"concierg", "big", signed=True)
+
+# Errors meaning the server cannot be reached or used right now: the network,
+# the connection (SQLSTATE 08), an operator/shutdown (57), exhausted resources
+# (53), authentication (28), a missing database (3D000).
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+)
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    # asyncpg reports a use of a connection it already knows is dead this way.
+    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+
+
+class _PgTx:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, *args: Any) -> Sequence[Sequence[Any]]:
+        return await self._conn.fetch(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        status = await self._conn.execute(sql, *args)  # e.g. "UPDATE 1", "INSERT 0 1"
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        await self._conn.executemany(sql, rows)
+
+
+class PostgresBackend(SQLBackend):
+    """Sessions in a PostgreSQL database.
+
+    Args:
+        dsn: a `postgresql://` or `postgres://` URL, as asyncpg accepts it.
+        min_size, max_size: bounds of the connection pool.
+        connect_timeout: seconds to wait for one connection to be established.
+    """
+
+    scheme = "postgresql"
+    _clear_expired_sql = (
+        # SKIP LOCKED: a row another transaction holds is being revived or
+        # deleted right now; two sweepers never wait on (or deadlock with) each other.
+        "DELETE FROM concierge_sessions WHERE id IN (SELECT id FROM concierge_sessions"
+        " WHERE expires_at <= $1 FOR UPDATE SKIP LOCKED)"
+    )
+
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0) -> None:
+        super().__init__()
+        self._dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self.connect_timeout = connect_timeout
+        self._pool: asyncpg.Pool | None = None
+        self.location = _location(dsn)
+        self._shown = _display(dsn)
+        self._secrets = _secrets(dsn)
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresBackend:
+        """The backend for `postgresql://user:password@host:port/db` (or `postgres://`).
+
+        Raises:
+            ConfigurationError: the URL is malformed; the message never shows the password.
+        """
+        try:
+            parts = urlsplit(url)
+            if "," not in parts.netloc:  # asyncpg's multi-host form has no single port to check
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"PostgreSQL state URL {_display(url)!r} is malformed ({exc}); "
+                "use postgresql://user:password@host:port/database"
+            ) from None
+        if parts.scheme.lower() not in ("postgresql", "postgres"):
+            raise ConfigurationError(f"{_display(url)!r} is not a postgresql:// URL")
+        return cls(url)
+
+    def __repr__(self) -> str:
+        return f"PostgresBackend({self._shown!r})"
+
+    def _where(self) -> str:
+        return f"PostgreSQL at {self.location}"
+
+    def _unavailable(self, exc: BaseException) -> StateUnavailableError:
+        reason = str(exc) or type(exc).__name__
+        for secret in self._secrets:  # belt and braces: no driver message may carry the password out
+            reason = reason.replace(secret, "***")
+        return StateUnavailableError(
+            f"{self._where()} ({self._shown}) is unavailable: {reason}. "
+            "Check that the server is running and reachable; concierge reconnects by itself when it is back."
+        )
+
+    async def _connect(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=self.min_size, max_size=self.max_size, timeout=self.connect_timeout
+            )
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise self._unavailable(exc) from None
+            raise
+
+    async def _disconnect(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        with anyio.move_on_after(5) as scope:
+            try:
+                await pool.close()
+            except Exception:  # a dead server cannot be said goodbye to
+                pool.terminate()
+        if scope.cancelled_caught:
+            pool.terminate()
+
+    async def _migration_lock(self, tx: Tx) -> None:
+        await tx.fetch("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+
+    @asynccontextmanager
+    async def _begin(self, *, write: bool) -> AsyncIterator[Tx]:
+        pool = self._pool
+        if pool is None:
+            raise StateUnavailableError(f"{self._where()}: the backend is closed")
+        try:
+            async with pool.acquire() as conn:
+                if write:
+                    async with conn.transaction():
+                        yield _PgTx(conn)
+                else:
+                    yield _PgTx(conn)
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise self._unavailable(exc) from None
+            raise
+
+
+def _display(dsn: str) -> str:
+    """The DSN without its password and without its query (which may carry `password=`)."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable URL>"
+    return redact_url(urlunsplit(parts._replace(query="", fragment="")))
+
+
+def _secrets(dsn: str) -> set[str]:
+    """Every spelling of the DSN's password(s), to scrub from driver messages."""
+    try:
+        parts = urlsplit(dsn)
+        found = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+    except ValueError:
+        return set()
+    return {s for p in found if p for s in (p, unquote(p))}
+
+
+def _location(dsn: str) -> str:
+    """`host:port` of a DSN, for messages (the default port filled in; never the password)."""
+    try:
+        parts = urlsplit(dsn)
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+    except ValueError:
+        return "<unparseable URL>"
+    if not netloc:
+        return "localhost:5432"
+    has_port = "," in netloc or (":" in netloc and not netloc.endswith("]"))  # "[::1]" is a host alone
+    return netloc if has_port else f"{netloc}:5432"

@@ -1,0 +1,382 @@
+"""The `StateBackend` contract, run unchanged against every backend.
+
+`state_url` gives a fresh, empty store per backend (memory, SQLite, Postgres);
+tests that need a store to outlive its backend object use `durable_state_url`
+(SQLite, Postgres). Backend-specific behaviour lives in test_sqlite_backend.py
+and test_postgres_backend.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from concierge.errors import ConflictError
+from concierge.state import UNCHANGED, Commit, StateBackend, backend_from_url
+from concierge.state._sql import MIGRATIONS, SQLBackend
+
+pytestmark = pytest.mark.anyio
+
+NOW = 1_000_000.0
+
+
+@pytest.fixture
+async def backend(state_url: str) -> AsyncIterator[StateBackend]:
+    b = backend_from_url(state_url)
+    await b.open()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def _make(b: StateBackend, sid: str, values: dict[str, str], **kw: object) -> int:
+    return await b.commit(Commit(sid, 0, dict(values), **kw), now=NOW)  # type: ignore[arg-type]
+
+
+# -- round trip -------------------------------------------------------------------
+
+
+async def test_commit_at_version_zero_creates_session_that_load_returns(backend: StateBackend) -> None:
+    version = await _make(backend, "s1", {"a": "1", "b": '"x"'}, stage="browse", owner="alice", expires_at=NOW + 60)
+    assert version == 1
+    record = await backend.load("s1", now=NOW)
+    assert record is not None
+    assert (record.session_id, record.version, record.values) == ("s1", 1, {"a": "1", "b": '"x"'})
+    assert (record.stage, record.owner, record.expires_at) == ("browse", "alice", NOW + 60)
+
+
+async def test_load_of_unknown_session_returns_none(backend: StateBackend) -> None:
+    assert await backend.load("nope", now=NOW) is None
+    assert await backend.load("nope", now=NOW, known_version=1) is None
+
+
+async def test_create_makes_empty_session_at_version_one(backend: StateBackend) -> None:
+    await backend.create("s1", owner="bob", expires_at=None, now=NOW)
+    record = await backend.load("s1", now=NOW)
+    assert record is not None
+    assert (record.version, record.values, record.stage, record.owner, record.expires_at) == (1, {}, None, "bob", None)
+
+
+async def test_each_commit_bumps_version_and_applies_only_its_changes(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1", "b": "2", "c": "3"})
+    assert await backend.commit(Commit("s1", 1, {"a": "10", "b": None, "d": "4"}), now=NOW) == 2
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.version == 2
+    assert record.values == {"a": "10", "c": "3", "d": "4"}
+
+
+async def test_deleting_an_absent_key_is_a_no_op(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"})
+    assert await backend.commit(Commit("s1", 1, {"zzz": None}), now=NOW) == 2
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.values == {"a": "1"}
+
+
+async def test_sessions_are_isolated(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"k": '"one"'})
+    await _make(backend, "s2", {"k": '"two"'})
+    await backend.commit(Commit("s1", 1, {"k": '"changed"', "extra": "1"}), now=NOW)
+    r1, r2 = await backend.load("s1", now=NOW), await backend.load("s2", now=NOW)
+    assert r1 is not None and r1.values == {"k": '"changed"', "extra": "1"}
+    assert r2 is not None and r2.values == {"k": '"two"'} and r2.version == 1
+
+
+async def test_loaded_values_are_a_copy(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"})
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.values is not None
+    record.values["a"] = "999"
+    record.values["new"] = "1"
+    again = await backend.load("s1", now=NOW)
+    assert again is not None and again.values == {"a": "1"}
+
+
+async def test_committed_changes_dict_is_not_kept_by_reference(backend: StateBackend) -> None:
+    changes = {"a": "1"}
+    await backend.commit(Commit("s1", 0, changes), now=NOW)
+    changes["a"] = "2"
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.values == {"a": "1"}
+
+
+# -- delete and resurrection ----------------------------------------------------
+
+
+async def test_delete_removes_session_and_reports_whether_it_existed(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"})
+    await _make(backend, "s2", {"a": "2"})
+    assert await backend.delete("s1") is True
+    assert await backend.load("s1", now=NOW) is None
+    assert await backend.delete("s1") is False
+    assert await backend.delete("never") is False
+    assert (await backend.load("s2", now=NOW)) is not None
+
+
+async def test_commit_after_delete_conflicts_and_does_not_resurrect(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"})
+    await backend.delete("s1")
+    with pytest.raises(ConflictError, match="no longer exists"):
+        await backend.commit(Commit("s1", 1, {"a": "2"}), now=NOW)
+    assert await backend.load("s1", now=NOW) is None
+
+
+async def test_recreating_a_deleted_session_starts_empty(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1", "b": "2"}, stage="old")
+    await backend.delete("s1")
+    assert await _make(backend, "s1", {"c": "3"}) == 1
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.values == {"c": "3"} and record.stage is None
+
+
+# -- conflicts -------------------------------------------------------------------
+
+
+async def test_second_commit_from_the_same_version_conflicts_and_writes_nothing(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"n": "0"})
+    assert await backend.commit(Commit("s1", 1, {"n": "1"}), now=NOW) == 2
+    with pytest.raises(ConflictError, match="version 2, expected 1"):
+        await backend.commit(Commit("s1", 1, {"n": "99", "other": "1"}, clear=True, stage="x"), now=NOW)
+    record = await backend.load("s1", now=NOW)
+    assert record is not None
+    assert (record.version, record.values, record.stage) == (2, {"n": "1"}, None)
+
+
+async def test_concurrent_commits_from_the_same_version_exactly_one_wins(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"n": "0"})
+    outcomes: list[object] = []
+
+    async def attempt(value: str) -> None:
+        try:
+            outcomes.append(await backend.commit(Commit("s1", 1, {"n": value}), now=NOW))
+        except ConflictError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for value in ("1", "2", "3", "4"):
+            tg.start_soon(attempt, value)
+    assert sorted(o for o in outcomes if isinstance(o, int)) == [2]
+    assert sum(isinstance(o, ConflictError) for o in outcomes) == 3
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.version == 2 and record.values is not None
+    assert record.values["n"] in {"1", "2", "3", "4"}
+
+
+async def test_creating_an_existing_live_session_conflicts(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"}, owner="alice")
+    with pytest.raises(ConflictError):
+        await _make(backend, "s1", {"a": "2"}, owner="mallory")
+    with pytest.raises(ConflictError, match="already exists"):
+        await backend.create("s1", owner="mallory", expires_at=None, now=NOW)
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and (record.version, record.values, record.owner) == (1, {"a": "1"}, "alice")
+
+
+# -- known_version ---------------------------------------------------------------
+
+
+async def test_load_with_current_known_version_skips_values(backend: StateBackend) -> None:
+    await _make(backend, "s1", {f"k{i}": str(i) for i in range(50)}, stage="st", owner="o", expires_at=NOW + 5)
+    record = await backend.load("s1", now=NOW, known_version=1)
+    assert record is not None
+    assert (record.version, record.values, record.stage, record.owner, record.expires_at) == (1, None, "st", "o", NOW + 5)
+
+
+async def test_load_with_stale_known_version_returns_all_values(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"})
+    await backend.commit(Commit("s1", 1, {"b": "2"}), now=NOW)
+    record = await backend.load("s1", now=NOW, known_version=1)
+    assert record is not None and record.version == 2 and record.values == {"a": "1", "b": "2"}
+
+
+async def test_load_with_stale_known_version_of_empty_session_returns_empty_dict(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"})
+    await backend.commit(Commit("s1", 1, {"a": None}), now=NOW)
+    record = await backend.load("s1", now=NOW, known_version=1)
+    assert record is not None and record.values == {}
+
+
+# -- clear / stage / owner / expires_at -----------------------------------------------
+
+
+async def test_clear_drops_every_key_before_applying_changes(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1", "b": "2", "c": "3"})
+    await backend.commit(Commit("s1", 1, {"c": "30", "d": "4"}, clear=True), now=NOW)
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.values == {"c": "30", "d": "4"}
+
+
+async def test_stage_is_kept_when_unchanged_and_replaced_or_cleared_when_given(backend: StateBackend) -> None:
+    await _make(backend, "s1", {}, stage="browse")
+    await backend.commit(Commit("s1", 1, {"a": "1"}, stage=UNCHANGED), now=NOW)
+    assert (r := await backend.load("s1", now=NOW)) is not None and r.stage == "browse"
+    await backend.commit(Commit("s1", 2, {}, stage="cart"), now=NOW)
+    assert (r := await backend.load("s1", now=NOW)) is not None and r.stage == "cart"
+    await backend.commit(Commit("s1", 3, {}, stage=None), now=NOW)
+    assert (r := await backend.load("s1", now=NOW)) is not None and r.stage is None and r.version == 4
+
+
+async def test_owner_is_set_at_creation_and_not_changed_by_later_commits(backend: StateBackend) -> None:
+    await _make(backend, "s1", {}, owner="alice")
+    await backend.commit(Commit("s1", 1, {"a": "1"}, owner="mallory"), now=NOW)
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.owner == "alice"
+
+
+async def test_each_commit_sets_expires_at_including_back_to_never(backend: StateBackend) -> None:
+    await _make(backend, "s1", {}, expires_at=NOW + 10)
+    await backend.commit(Commit("s1", 1, {}, expires_at=NOW + 100), now=NOW + 5)
+    assert await backend.load("s1", now=NOW + 50) is not None  # extended past the first expiry
+    await backend.commit(Commit("s1", 2, {}, expires_at=None), now=NOW + 50)
+    record = await backend.load("s1", now=NOW + 10_000)
+    assert record is not None and record.expires_at is None
+
+
+# -- expiry ---------------------------------------------------------------------
+
+
+async def test_expired_session_is_invisible_at_its_expiry_instant(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"}, expires_at=NOW + 10)
+    assert await backend.load("s1", now=NOW + 9.5) is not None
+    assert await backend.load("s1", now=NOW + 10) is None
+    assert await backend.load("s1", now=NOW + 11, known_version=1) is None
+
+
+async def test_commit_to_expired_session_conflicts(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"}, expires_at=NOW + 10)
+    with pytest.raises(ConflictError, match="no longer exists"):
+        await backend.commit(Commit("s1", 1, {"a": "2"}, expires_at=NOW + 100), now=NOW + 10)
+    assert await backend.load("s1", now=NOW + 10) is None
+
+
+async def test_creating_over_an_expired_session_replaces_it(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"old": "1"}, stage="late", owner="alice", expires_at=NOW + 10)
+    assert await backend.commit(Commit("s1", 0, {"new": "2"}, owner="bob"), now=NOW + 20) == 1
+    record = await backend.load("s1", now=NOW + 20)
+    assert record is not None
+    assert (record.version, record.values, record.stage, record.owner) == (1, {"new": "2"}, None, "bob")
+    await backend.create("s2", owner=None, expires_at=NOW + 1, now=NOW)
+    await backend.create("s2", owner="carol", expires_at=None, now=NOW + 2)
+    record = await backend.load("s2", now=NOW + 2)
+    assert record is not None and (record.owner, record.values) == ("carol", {})
+
+
+async def test_clear_expired_deletes_only_expired_sessions_and_counts_them(backend: StateBackend) -> None:
+    for i in range(3):
+        await _make(backend, f"old{i}", {"a": "1"}, expires_at=NOW + 10)
+    await _make(backend, "edge", {"a": "1"}, expires_at=NOW + 20)
+    await _make(backend, "later", {"a": "1"}, expires_at=NOW + 21)
+    await _make(backend, "forever", {"a": "1"})
+    assert await backend.clear_expired(now=NOW + 5) == 0
+    assert await backend.clear_expired(now=NOW + 20) == 4
+    assert await backend.clear_expired(now=NOW + 20) == 0
+    assert await backend.load("later", now=NOW + 20) is not None
+    assert await backend.load("forever", now=NOW + 10**9) is not None
+    # swept means gone, not merely hidden: a clock going back does not revive it
+    assert await backend.load("old0", now=NOW) is None
+
+
+# -- concurrency -----------------------------------------------------------------
+
+
+async def test_concurrent_commits_on_distinct_sessions_all_land(backend: StateBackend) -> None:
+    async def write(i: int) -> None:
+        await backend.commit(Commit(f"s{i}", 0, {"i": str(i), "x": '"y"'}), now=NOW)
+        await backend.commit(Commit(f"s{i}", 1, {"i": str(i * 10)}), now=NOW)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(40):
+            tg.start_soon(write, i)
+    for i in range(40):
+        record = await backend.load(f"s{i}", now=NOW)
+        assert record is not None and record.version == 2 and record.values == {"i": str(i * 10), "x": '"y"'}
+
+
+async def test_concurrent_increments_on_one_session_with_retry_lose_nothing(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"n": "0"})
+    workers, rounds = 8, 5
+
+    async def increment(worker: int) -> None:
+        for _ in range(rounds):
+            while True:
+                record = await backend.load("s1", now=NOW)
+                assert record is not None and record.values is not None
+                n = int(record.values["n"])
+                try:
+                    await backend.commit(Commit("s1", record.version, {"n": str(n + 1), f"w{worker}": "1"}), now=NOW)
+                    break
+                except ConflictError:
+                    await anyio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        for w in range(workers):
+            tg.start_soon(increment, w)
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.values is not None
+    assert record.values["n"] == str(workers * rounds)
+    assert record.version == 1 + workers * rounds
+    assert {k for k in record.values if k.startswith("w")} == {f"w{w}" for w in range(workers)}
+
+
+# -- lifecycle and persistence ------------------------------------------------------
+
+
+async def test_open_and_close_are_idempotent(state_url: str) -> None:
+    b = backend_from_url(state_url)
+    await b.close()  # without open
+    await b.open()
+    await b.open()
+    await _make(b, "s1", {"a": "1"})
+    await b.close()
+    await b.close()
+
+
+async def test_committed_session_survives_a_restart(durable_state_url: str) -> None:
+    first = backend_from_url(durable_state_url)
+    async with first:
+        await _make(first, "s1", {"a": "1", "b": "2"}, stage="cart", owner="alice", expires_at=NOW + 60)
+        await first.commit(Commit("s1", 1, {"b": None}, expires_at=NOW + 60), now=NOW)
+    second = backend_from_url(durable_state_url)
+    async with second:
+        record = await second.load("s1", now=NOW)
+    assert record is not None
+    assert (record.version, record.values, record.stage, record.owner, record.expires_at) == (
+        2, {"a": "1"}, "cart", "alice", NOW + 60
+    )
+
+
+async def _applied_migrations(b: StateBackend) -> list[int]:
+    assert isinstance(b, SQLBackend)
+    async with b._transaction(write=False) as tx:
+        rows = await tx.fetch("SELECT version FROM concierge_migrations ORDER BY version")
+    return [int(r[0]) for r in rows]
+
+
+async def test_migrations_apply_once_however_often_the_store_is_opened(durable_state_url: str) -> None:
+    expected = list(range(1, len(MIGRATIONS) + 1))
+    for attempt in range(2):
+        b = backend_from_url(durable_state_url)
+        async with b:
+            await b.open()  # a second open on the same object is a no-op too
+            assert await _applied_migrations(b) == expected
+            await b.commit(Commit(f"s{attempt}", 0, {"a": "1"}), now=NOW)
+            if attempt == 1:  # the schema was not recreated: the first run's data is still there
+                assert await b.load("s0", now=NOW) is not None
+
+
+async def test_two_backend_objects_on_one_store_detect_each_others_commits(durable_state_url: str) -> None:
+    async with backend_from_url(durable_state_url) as a, backend_from_url(durable_state_url) as b:
+        await _make(a, "s1", {"n": "0"})
+        record = await b.load("s1", now=NOW, known_version=1)
+        assert record is not None and record.values is None
+        assert await b.commit(Commit("s1", 1, {"n": "1"}), now=NOW) == 2
+        with pytest.raises(ConflictError):
+            await a.commit(Commit("s1", 1, {"n": "2"}), now=NOW)
+        stale = await a.load("s1", now=NOW, known_version=1)
+        assert stale is not None and stale.values == {"n": "1"}
+        await b.delete("s1")
+        with pytest.raises(ConflictError):
+            await a.commit(Commit("s1", 2, {"n": "3"}), now=NOW)
+        assert await a.load("s1", now=NOW) is None

@@ -1,0 +1,211 @@
+"""PostgreSQL-only behaviour: unreachable server, server lost and back, concurrent start-up, write economy."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+
+from concierge.errors import ConfigurationError, StateUnavailableError
+from concierge.state import Commit, backend_from_url
+from concierge.state._sql import MIGRATIONS
+from concierge.state.postgres import PostgresBackend
+from tests.conftest import _ThrowawayPostgres, fresh_postgres_database
+from tests.test_sqlite_backend import start_together
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+NOW = 1_000_000.0
+SECRET = "s3cret"
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pg_url(postgres_server: str) -> str:
+    return fresh_postgres_database(postgres_server)
+
+
+def _full_text(exc: BaseException) -> str:
+    """The message and everything a traceback of `exc` would print."""
+    return "".join(traceback.format_exception(exc)) + repr(exc.__context__) + repr(exc.__cause__)
+
+
+# -- URLs and unreachable servers ---------------------------------------------------------
+
+
+def test_postgres_both_schemes_build_the_postgres_backend() -> None:
+    for scheme in ("postgresql", "postgres"):
+        b = backend_from_url(f"{scheme}://u:{SECRET}@db.example:6543/app")
+        assert isinstance(b, PostgresBackend)
+        assert b.location == "db.example:6543"
+        assert SECRET not in repr(b)
+
+
+def test_postgres_malformed_url_is_a_configuration_error_without_the_password() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        backend_from_url(f"postgresql://u:{SECRET}@db.example:notaport/app")
+    assert "malformed" in str(caught.value) and SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["postgresql://u:{secret}@127.0.0.1:{port}/db", "postgres://u@127.0.0.1:{port}/db?password={secret}"],
+)
+async def test_postgres_unreachable_server_names_host_and_port_never_the_password(
+    template: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = _unused_port()
+    b = backend_from_url(template.format(secret=SECRET, port=port))
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StateUnavailableError) as caught:
+        await b.open()
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message
+    assert SECRET not in _full_text(caught.value)
+    assert SECRET not in caplog.text
+    with pytest.raises(StateUnavailableError):  # a method on the never-opened backend says the same
+        await b.load("s1", now=NOW)
+    await b.close()
+
+
+# -- concurrent start-up ----------------------------------------------------------------------
+
+
+async def test_postgres_processes_starting_at_once_on_one_empty_database_all_succeed(
+    pg_url: str, tmp_path: Path
+) -> None:
+    names = [f"p{i}" for i in range(3)]
+    for done in start_together(pg_url, names, tmp_path):
+        assert done.returncode == 0, done.stderr
+    async with PostgresBackend(pg_url) as b:
+        async with b._transaction(write=False) as tx:
+            versions = [r[0] for r in await tx.fetch("SELECT version FROM concierge_migrations ORDER BY version")]
+        assert versions == list(range(1, len(MIGRATIONS) + 1))
+        for name in names:
+            record = await b.load(name, now=NOW)
+            assert record is not None and record.values == {"who": f'"{name}"'}
+
+
+# -- what a commit costs -------------------------------------------------------------------------
+
+
+async def test_postgres_commit_of_one_key_writes_one_value_row_in_a_large_session(pg_url: str) -> None:
+    async with PostgresBackend(pg_url) as b:
+        await b.commit(Commit("big", 0, {f"k{i}": str(i) for i in range(1000)}), now=NOW)
+        await b.commit(Commit("big", 1, {"k5": "55", "k6": None}), now=NOW)
+        async with b._transaction(write=False) as tx:
+            # rows written by the last commit carry its transaction id in xmin
+            rows = await tx.fetch(
+                "SELECT count(*) FROM concierge_values WHERE xmin = "
+                "(SELECT xmin FROM concierge_sessions WHERE id = 'big')"
+            )
+            (total,) = (await tx.fetch("SELECT count(*) FROM concierge_values"))[0]
+        assert rows[0][0] == 1 and total == 999
+
+
+# -- the server goes away and comes back ---------------------------------------------------------
+
+
+class _RestartablePostgres(_ThrowawayPostgres):
+    def halt(self) -> None:
+        """Stop the server as a crash would (no clean shutdown)."""
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start it again on the same port (pg_ctl restart reuses the last options)."""
+        self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "log"), "-w", "restart")
+
+
+@pytest.fixture
+def own_server() -> Iterator[_RestartablePostgres]:
+    """A cluster of this test's own, so stopping it disturbs no other test."""
+    try:
+        server = _RestartablePostgres()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Postgres tests, but {exc}")
+        pytest.skip(f"needs PostgreSQL server binaries to stop and restart a server: {exc}")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _wait_until_blocked(admin: asyncpg.Connection) -> None:
+    with anyio.fail_after(10):
+        while not await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%concierge_values%'"
+        ):
+            await anyio.sleep(0.01)
+
+
+async def test_postgres_server_lost_mid_run_raises_unavailable_writes_nothing_and_recovers(
+    own_server: _RestartablePostgres,
+) -> None:
+    url = f"postgresql://postgres:{SECRET}@127.0.0.1:{own_server.port}/postgres"  # trust auth ignores it
+    backend = PostgresBackend(url, min_size=2)
+    await backend.open()
+    side: list[asyncpg.Connection] = []
+    try:
+        await backend.commit(Commit("s1", 0, {"a": '"old"', "b": '"old"'}), now=NOW)
+        # Hold key "b" so a commit blocks after it has bumped the version and written "a" ...
+        admin = await asyncpg.connect(url)
+        side.append(admin)
+        await admin.execute("BEGIN")
+        await admin.execute("SELECT 1 FROM concierge_values WHERE session_id = 's1' AND key = 'b' FOR UPDATE")
+        failures: list[BaseException] = []
+
+        async def blocked_commit() -> None:
+            try:
+                await backend.commit(Commit("s1", 1, {"a": '"new"', "b": '"new"'}), now=NOW)
+            except StateUnavailableError as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(blocked_commit)
+            watcher = await asyncpg.connect(url)
+            side.append(watcher)
+            await _wait_until_blocked(watcher)
+            # The throwaway cluster commits asynchronously (synchronous_commit=off): make what is
+            # committed so far crash-proof, or the crash below would lose the schema too.
+            await watcher.execute("CHECKPOINT")
+            await anyio.to_thread.run_sync(own_server.halt)  # ... and lose the server mid-transaction
+        assert len(failures) == 1
+        for exc in failures:
+            assert f"127.0.0.1:{own_server.port}" in str(exc) and SECRET not in _full_text(exc)
+
+        calls = [
+            lambda: backend.load("s1", now=NOW),
+            lambda: backend.load("s1", now=NOW, known_version=1),
+            lambda: backend.commit(Commit("s1", 1, {"a": '"x"'}), now=NOW),
+            lambda: backend.create("s2", owner=None, expires_at=None, now=NOW),
+            lambda: backend.delete("s1"),
+            lambda: backend.clear_expired(now=NOW),
+        ]
+        for call in calls:
+            with pytest.raises(StateUnavailableError, match=f"127.0.0.1:{own_server.port}") as caught:
+                await call()
+            assert SECRET not in _full_text(caught.value)
+
+        await anyio.to_thread.run_sync(own_server.resume)
+        record = await backend.load("s1", now=NOW)  # the same object, no reopen
+        assert record is not None and (record.version, record.values) == (1, {"a": '"old"', "b": '"old"'})
+        assert await backend.commit(Commit("s1", 1, {"a": '"new"'}), now=NOW) == 2
+        assert await backend.load("s2", now=NOW) is None
+    finally:
+        for conn in side:
+            conn.terminate()
+        await backend.close()
