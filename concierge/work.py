@@ -380,9 +380,10 @@ class SessionStore:
             StateUnavailableError: the backend could not be reached.
         """
         assert unit.session_id is not None
-        if not unit.dirty:
-            return
         now = self.clock()
+        if not unit.dirty:
+            await self._renew(unit, now)
+            return
         commit = Commit(
             session_id=unit.session_id,
             expected_version=unit.version,
@@ -400,6 +401,18 @@ class SessionStore:
         # A creating commit stamps `now` as the new life's created_at.
         created_at = now if unit.version == 0 else unit.created_at
         self._snapshots.put(unit.session_id, version, created_at, unit.committed_values())
+
+    async def _renew(self, unit: UnitOfWork, now: float) -> None:
+        """Push back the expiry of a session a call only read, at most once a minute.
+
+        Renewing on every read would turn every read into a write; a session
+        idle for the full TTL still expires within a minute of it.
+        """
+        if unit.version == 0 or self.ttl is None or unit.session_id is None:
+            return
+        if unit.expires_at is not None and unit.expires_at - now > self.ttl - min(60.0, self.ttl / 10):
+            return
+        await self.backend.touch(unit.session_id, expires_at=now + self.ttl, now=now)
 
     async def delete(self, session_id: str) -> bool:
         """Delete a session outright."""

@@ -263,6 +263,33 @@ async def test_creating_over_an_expired_session_replaces_it(backend: StateBacken
     assert record is not None and (record.owner, record.values) == ("carol", {})
 
 
+async def test_touch_moves_expiry_without_a_new_version(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"}, expires_at=NOW + 10)
+    assert await backend.touch("s1", expires_at=NOW + 100, now=NOW + 5) is True
+    record = await backend.load("s1", now=NOW + 50)
+    assert record is not None
+    assert (record.version, record.expires_at, record.values) == (1, NOW + 100, {"a": "1"})
+    # a commit from the version loaded before the touch still lands: touching never conflicts
+    assert await backend.commit(Commit("s1", 1, {"a": "2"}, expires_at=NOW + 200), now=NOW + 60) == 2
+
+
+async def test_touch_leaves_expired_and_missing_sessions_alone(backend: StateBackend) -> None:
+    await _make(backend, "s1", {}, expires_at=NOW + 10)
+    assert await backend.touch("s1", expires_at=NOW + 100, now=NOW + 10) is False
+    assert await backend.load("s1", now=NOW + 11) is None
+    assert await backend.touch("missing", expires_at=NOW + 100, now=NOW) is False
+
+
+async def test_a_new_life_of_a_session_id_has_a_new_created_at(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"}, expires_at=NOW + 10)
+    first = await backend.load("s1", now=NOW)
+    await backend.commit(Commit("s1", 0, {"a": "2"}, expires_at=None), now=NOW + 20)
+    second = await backend.load("s1", now=NOW + 20, known_version=1, known_created_at=first.created_at)
+    assert first is not None and second is not None
+    assert second.version == 1 and second.created_at != first.created_at
+    assert second.values == {"a": "2"}
+
+
 async def test_clear_expired_deletes_only_expired_sessions_and_counts_them(backend: StateBackend) -> None:
     for i in range(3):
         await _make(backend, f"old{i}", {"a": "1"}, expires_at=NOW + 10)

@@ -94,6 +94,7 @@ _PUT_VALUE = (
     " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value"
 )
 _DELETE = "DELETE FROM concierge_sessions WHERE id = $1"
+_TOUCH = f"UPDATE concierge_sessions SET expires_at = $3 WHERE id = $1 AND {_LIVE}"
 
 
 class Tx(Protocol):
@@ -259,6 +260,10 @@ class SQLBackend(StateBackend):
             if written:
                 await tx.executemany(_PUT_VALUE, written)
         return version
+
+    async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
+        async with self._transaction(write=True) as tx:
+            return bool(await tx.execute(_TOUCH, session_id, now, expires_at))
 
     async def delete(self, session_id: str) -> bool:
         async with self._transaction(write=True) as tx:

@@ -144,6 +144,15 @@ class StateBackend(ABC):
         """
 
     @abstractmethod
+    async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
+        """Move a live session's expiry to `expires_at` without changing its version.
+
+        This is how a call that only reads renews its session; it never
+        conflicts with a concurrent commit. Returns whether a live session was
+        found (an expired or missing one is left alone).
+        """
+
+    @abstractmethod
     async def delete(self, session_id: str) -> bool:
         """Delete the session and all its keys. Returns whether it existed."""
 

@@ -84,6 +84,13 @@ class MemoryBackend(StateBackend):
         self._rows[commit.session_id] = row
         return row.version
 
+    async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
+        row = self._rows.get(session_id)
+        if row is None or not row.live(now):
+            return False
+        row.expires_at = expires_at
+        return True
+
     async def delete(self, session_id: str) -> bool:
         return self._rows.pop(session_id, None) is not None
 
