@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
-from mcp_types import INTERNAL_ERROR, SERVER_INFO_META_KEY, CallToolResult, Implementation, TextContent
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, SERVER_INFO_META_KEY, CallToolResult, Implementation, TextContent
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from concierge import sessions
@@ -418,26 +418,39 @@ class Concierge(MCPServer[Any]):
                 else "this request has no session: on this transport, pass the session's handle in "
                 f"_meta[{HANDLE_META_KEY!r}] of the request"
             )
-            with SessionStore.bind(self._store.unbound(reason)):
-                return await call_next(ctx)
+            return await self._surfaced(self._store.unbound(reason), ctx, call_next)
         async with self._store.locked(identity.session_id):
             try:
                 unit = await self._store.load(identity.session_id, create=not identity.via_handle)
             except StateUnavailableError as exc:
                 raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from exc
             if unit is None or (identity.via_handle and unit.owner != identity.owner):
-                unit = self._store.unbound(self._unknown_session(identity))
-                with SessionStore.bind(unit):
-                    return await call_next(ctx)
+                return await self._surfaced(self._store.unbound(self._unknown_session(identity)), ctx, call_next)
             if unit.version == 0:
                 unit.owner = identity.owner
-            with SessionStore.bind(unit):
-                result = await call_next(ctx)
+            result = await self._surfaced(unit, ctx, call_next)
             try:
                 await self._store.commit(unit)
             except (ConflictError, StateUnavailableError) as exc:
                 raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from exc
             return result
+
+    @staticmethod
+    async def _surfaced(unit: UnitOfWork, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        """Run a resource read or prompt in `unit`, keeping the message of a concierge error it raised.
+
+        mcp 2.3 re-wraps an exception raised while rendering a prompt, so the
+        client would only see "Internal server error".
+        """
+        with SessionStore.bind(unit):
+            try:
+                return await call_next(ctx)
+            except MCPError:
+                raise
+            except Exception as exc:
+                if unit.error is None:
+                    raise
+                raise MCPError(code=INVALID_PARAMS, message=str(unit.error)) from exc
 
     async def _list_tools(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         result = await call_next(ctx)

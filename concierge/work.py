@@ -24,6 +24,7 @@ import anyio
 from pydantic import BaseModel
 
 from concierge.errors import (
+    ConciergeError,
     ConflictError,
     NoSessionError,
     StateKeyError,
@@ -56,7 +57,8 @@ def current_unit(operation: str) -> UnitOfWork:
             "state belongs to a session, and only a request has one"
         )
     if unit.session_id is None:
-        raise NoSessionError(f"{operation}: {unit.no_session_reason}")
+        unit.error = NoSessionError(f"{operation}: {unit.no_session_reason}")
+        raise unit.error
     return unit
 
 
@@ -153,6 +155,9 @@ class UnitOfWork:
     max_value_bytes: int | None = None
     no_session_reason: str = "this request has no session"
     tool: str | None = None
+    error: Exception | None = None
+    """The last concierge error raised to user code in this request, so the
+    MCP glue can report its message where the SDK would hide it (prompts)."""
 
     # -- the dict API ---------------------------------------------------------
     def raw(self, key: str) -> str | None:
@@ -162,16 +167,27 @@ class UnitOfWork:
             return None
         return self.base.get(key)
 
+    @contextmanager
+    def _recording(self) -> Iterator[None]:
+        try:
+            yield
+        except ConciergeError as exc:
+            self.error = exc
+            raise
+
     def get(self, key: str, default: Any = None) -> Any:
-        text = self.raw(check_key(key))
+        with self._recording():
+            text = self.raw(check_key(key))
         return default if text is None else decode(text)
 
     def set(self, key: str, value: Any) -> None:
-        key = check_key(key)
-        self.changes[key] = encode(key, value, self.max_value_bytes)
+        with self._recording():
+            key = check_key(key)
+            self.changes[key] = encode(key, value, self.max_value_bytes)
 
     def delete(self, key: str) -> None:
-        key = check_key(key)
+        with self._recording():
+            key = check_key(key)
         if self.raw(key) is not None or key in self.changes:
             self.changes[key] = None
 

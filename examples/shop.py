@@ -3,6 +3,8 @@
 `checkout` refuses until the cart has something in it.
 """
 
+from mcp.server.mcpserver.exceptions import ToolError
+
 from concierge import Concierge
 
 app = Concierge("shop", instructions="A small shop. Add products to the cart, view it, then check out.")
@@ -14,7 +16,7 @@ CATALOGUE = {"apple": 0.5, "bread": 2.25, "coffee": 7.0, "milk": 1.2}
 def add_to_cart(product_id: str, quantity: int = 1) -> dict:
     """Add a product to the cart."""
     if product_id not in CATALOGUE:
-        raise ValueError(f"unknown product {product_id!r}; choose one of {sorted(CATALOGUE)}")
+        raise ToolError(f"unknown product {product_id!r}; choose one of {sorted(CATALOGUE)}")
     cart = app.get_state("cart", [])
     cart.extend([product_id] * quantity)
     app.set_state("cart", cart)
