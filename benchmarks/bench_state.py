@@ -1,0 +1,455 @@
+"""What per-session state costs a tool call, per backend.
+
+    python benchmarks/bench_state.py [--calls N] [--rounds R] [--backends memory,sqlite,postgres]
+                                     [--postgres-url URL] [--sessions 1000,1000000] [--keys 1000]
+                                     [--skip throughput,sessions,keys]
+
+Three measurements, each through the SDK's in-process `mcp.client.Client(app)`:
+
+1. throughput: a tool that reads and writes a small counter (`get_state` +
+   `set_state`) on `Concierge`, against the same tool without state on a plain
+   `MCPServer`, with the default (2026-07-28, session handles) client and with
+   `mode="legacy"` (one session per connection). Ratio = stateful / stateless.
+2. sessions: per-call latency of that tool when the store holds 1k sessions vs
+   1M (pre-populated beforehand: memory through the backend's `commit`,
+   SQLite and Postgres with bulk SQL; one small key per session).
+3. keys: a call touching one key of a session that holds 1,000 keys vs one of
+   a 1-key session.
+
+"ratio" is stateful/stateless calls per second over all timed calls; "ratio
+(medians)" compares median call latencies, which a shared, busy machine
+disturbs less.
+
+Series that are compared run in the same process, interleaved in rounds (the
+order alternates every round), after a warm-up, so drift hits both sides alike.
+Postgres: `--postgres-url` (an admin URL; a scratch database is created and
+dropped on it), else a throwaway server is started the way the tests do it
+(`tests/conftest.py`, which needs the PostgreSQL server binaries); that server
+runs with fsync off, so its numbers are an upper bound for a durable server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import logging
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mcp.client import Client
+from mcp.server.mcpserver import MCPServer
+
+from concierge import Concierge
+from concierge.state import Commit, StateBackend
+
+REPO = Path(__file__).resolve().parent.parent
+HANDLE_KEY = "concierge/session_id"
+ALL_BACKENDS = ("memory", "sqlite", "postgres")
+DAY = 86_400.0
+
+logger = logging.getLogger("bench")
+
+
+# -- servers ------------------------------------------------------------------------
+def stateful_app(state: StateBackend | None = None, state_url: str | None = None) -> Concierge:
+    """`Concierge` with the measured tool (`bump`) and a `fill` tool that writes many keys at once."""
+    app = Concierge("bench", state=state, state_url=state_url, session_ttl=DAY)
+
+    @app.tool()
+    def bump() -> dict:
+        """Read and write a small counter."""
+        count = app.get_state("count", 0) + 1
+        app.set_state("count", count)
+        return {"count": count}
+
+    @app.tool()
+    def fill(keys: int) -> dict:
+        """Write `keys` keys (k0, k1, ...) in one call."""
+        for i in range(keys):
+            app.set_state(f"k{i}", {"i": i, "note": "x" * 16})
+        return {"keys": keys}
+
+    @app.tool()
+    def touch() -> dict:
+        """Read and write one key (k0)."""
+        value = app.get_state("k0", {"i": 0})
+        value["i"] += 1
+        app.set_state("k0", value)
+        return {"count": value["i"]}
+
+    return app
+
+
+def stateless_app() -> MCPServer:
+    """A plain `MCPServer` with the same tool, minus the state."""
+    app = MCPServer("bench-stateless")
+
+    @app.tool()
+    def bump() -> dict:
+        """Return a constant counter."""
+        count = 1
+        return {"count": count}
+
+    return app
+
+
+# -- a measured series ----------------------------------------------------------------
+@dataclass
+class Series:
+    """One thing timed: a tool on a client, with the session handle passed back when one comes."""
+
+    label: str
+    client: Client
+    tool: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+
+    async def call(self) -> None:
+        result = await self.client.call_tool(self.tool, self.arguments)
+        if result.is_error:
+            raise RuntimeError(f"{self.label}: {self.tool} failed: {result.content}")
+        handle = (result.meta or {}).get(HANDLE_KEY)
+        if handle:
+            self.arguments = {**self.arguments, "session_id": handle}
+
+    async def timed(self, calls: int) -> None:
+        clock = time.perf_counter
+        for _ in range(calls):
+            start = clock()
+            await self.call()
+            self.latencies.append(clock() - start)
+
+    @property
+    def per_second(self) -> float:
+        return len(self.latencies) / sum(self.latencies)
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.latencies) * 1e6
+
+
+async def interleave(series: list[Series], calls: int, rounds: int, warmup: int = 50) -> None:
+    """Run every series `calls` times in `rounds` rounds, alternating the order each round."""
+    for s in series:
+        for _ in range(warmup):
+            await s.call()
+    per_round = max(1, calls // rounds)
+    for r in range(rounds):
+        for s in series if r % 2 == 0 else reversed(series):
+            await s.timed(per_round)
+
+
+@asynccontextmanager
+async def connected(app: MCPServer, mode: str) -> AsyncIterator[Client]:
+    async with Client(app, mode=mode) as client:
+        await client.list_tools()  # the 2026-07-28 client checks calls against its listing
+        yield client
+
+
+# -- stores ---------------------------------------------------------------------------
+class Stores:
+    """Fresh, empty stores per backend, and the bulk pre-population of sessions."""
+
+    def __init__(self, postgres_url: str | None) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="concierge-bench-"))
+        self._postgres_admin = postgres_url
+        self._postgres_server: Any = None
+        self._databases: list[str] = []
+
+    def available(self, kind: str) -> str | None:
+        """`None` when `kind` can run, else why not."""
+        module = {"sqlite": "concierge.state.sqlite", "postgres": "concierge.state.postgres"}.get(kind)
+        if module and importlib.util.find_spec(module) is None:
+            return f"{module} is not there yet"
+        if kind == "postgres" and self._postgres_admin is None:
+            try:
+                self._postgres_admin = self._start_postgres()
+            except Exception as exc:  # no binaries, or the server would not start
+                return f"no --postgres-url and no throwaway server ({exc})"
+        return None
+
+    def _start_postgres(self) -> str:
+        spec = importlib.util.spec_from_file_location("concierge_tests_conftest", REPO / "tests" / "conftest.py")
+        assert spec is not None and spec.loader is not None
+        conftest = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(conftest)
+        server = conftest._ThrowawayPostgres()
+        url = server.start()
+        self._postgres_server = server
+        print(f"(started a throwaway PostgreSQL on port {server.port}, fsync off)", file=sys.stderr)
+        return url
+
+    async def fresh(self, kind: str) -> tuple[StateBackend | None, str | None]:
+        """A new empty store: `(backend, None)` for memory, `(None, url)` otherwise."""
+        if kind == "memory":
+            from concierge.state import MemoryBackend
+
+            return MemoryBackend(), None
+        if kind == "sqlite":
+            return None, f"sqlite:///{self.tmp / (uuid.uuid4().hex + '.db')}"
+        import asyncpg
+
+        assert self._postgres_admin is not None
+        name = "bench_" + uuid.uuid4().hex[:12]
+        conn = await asyncpg.connect(self._postgres_admin)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        self._databases.append(name)
+        return None, self._postgres_admin.rpartition("/")[0] + "/" + name
+
+    async def populate(self, app: Concierge, kind: str, url: str | None, sessions: int) -> None:
+        """Store `sessions` live sessions of one small key each, the fastest way the backend allows."""
+        backend = app.state_backend
+        now = time.time()
+        if kind == "memory":
+            for i in range(sessions):
+                commit = Commit(f"bench:{i}", 0, {"count": str(i)}, owner=None, expires_at=now + DAY)
+                await backend.commit(commit, now=now)
+            return
+        await backend.open()  # applies the schema
+        await backend.close()
+        if kind == "sqlite":
+            path = url.removeprefix("sqlite:///") if url else ""
+            await asyncio.to_thread(_sqlite_bulk, path, sessions, now)
+            return
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO concierge_sessions (id, version, stage, owner, created_at, updated_at, expires_at)"
+                    " SELECT 'bench:' || g, 1, NULL, NULL, $1::float8, $1::float8, $2::float8"
+                    " FROM generate_series(1, $3::int) g",
+                    now, now + DAY, sessions,
+                )
+                await conn.execute(
+                    "INSERT INTO concierge_values (session_id, key, value)"
+                    " SELECT 'bench:' || g, 'count', g::text FROM generate_series(1, $1::int) g",
+                    sessions,
+                )
+            await conn.execute("ANALYZE")
+        finally:
+            await conn.close()
+
+    async def close(self) -> None:
+        if self._databases and self._postgres_admin:
+            import asyncpg
+
+            conn = await asyncpg.connect(self._postgres_admin)
+            try:
+                for name in self._databases:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            finally:
+                await conn.close()
+        if self._postgres_server is not None:
+            self._postgres_server.stop()
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _sqlite_bulk(path: str, sessions: int, now: float) -> None:
+    """Bulk insert with a recursive CTE (benchmark set-up only: a sync driver, off the event loop)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+            " INSERT INTO concierge_sessions (id, version, stage, owner, created_at, updated_at, expires_at)"
+            " SELECT 'bench:' || i, 1, NULL, NULL, ?, ?, ? FROM n",
+            (sessions, now, now, now + DAY),
+        )
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+            " INSERT INTO concierge_values (session_id, key, value) SELECT 'bench:' || i, 'count', i FROM n",
+            (sessions,),
+        )
+        conn.execute("COMMIT")
+        conn.execute("ANALYZE")
+    finally:
+        conn.close()
+
+
+# -- the three measurements ----------------------------------------------------------------
+async def throughput(stores: Stores, kind: str, calls: int, rounds: int) -> list[list[str]]:
+    rows = []
+    for mode, client_name in (("auto", "2026-07-28 (handles)"), ("legacy", "legacy (per connection)")):
+        state, url = await stores.fresh(kind)
+        async with AsyncExitStack() as stack:
+            plain = await stack.enter_async_context(connected(stateless_app(), mode))
+            stateful = await stack.enter_async_context(connected(stateful_app(state, url), mode))
+            base = Series("stateless", plain, "bump")
+            measured = Series("stateful", stateful, "bump")
+            await interleave([base, measured], calls, rounds)
+        rows.append(
+            [kind, client_name, f"{base.per_second:,.0f}", f"{measured.per_second:,.0f}",
+             f"{measured.per_second / base.per_second:.2f}", f"{base.median_us / measured.median_us:.2f}"]
+        )
+    return rows
+
+
+async def sessions_scale(
+    stores: Stores, kind: str, counts: list[int], calls: int, rounds: int
+) -> list[list[str]]:
+    series = []
+    async with AsyncExitStack() as stack:
+        for count in counts:
+            state, url = await stores.fresh(kind)
+            app = stateful_app(state, url)
+            started = time.perf_counter()
+            await stores.populate(app, kind, url, count)
+            print(f"  {kind}: stored {count:,} sessions in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+            client = await stack.enter_async_context(connected(app, "auto"))
+            series.append((count, Series(f"{count} sessions", client, "bump")))
+        await interleave([s for _, s in series], calls, rounds)
+    smallest = series[0][1].median_us
+    return [
+        [kind, f"{count:,}", f"{s.median_us:,.0f}", f"{s.quantile(0.99) * 1e6:,.0f}", f"{s.median_us / smallest:.2f}"]
+        for count, s in series
+    ]
+
+
+async def keys_scale(stores: Stores, kind: str, keys: int, calls: int, rounds: int) -> list[list[str]]:
+    state, url = await stores.fresh(kind)
+    async with connected(stateful_app(state, url), "auto") as client:
+        series = []
+        for count in (1, keys):
+            s = Series(f"{count} keys", client, "fill", {"keys": count})
+            await s.call()  # creates the session and writes its keys in one commit
+            s.tool, s.arguments = "touch", {"session_id": s.arguments["session_id"]}
+            series.append((count, s))
+        await interleave([s for _, s in series], calls, rounds)
+    smallest = series[0][1].median_us
+    return [
+        [kind, f"{count:,}", f"{s.median_us:,.0f}", f"{s.quantile(0.99) * 1e6:,.0f}", f"{s.median_us / smallest:.2f}"]
+        for count, s in series
+    ]
+
+
+def fsync_median_us(directory: Path, samples: int = 200) -> float:
+    """Median latency of a small write + fsync in `directory`: what a durable SQLite commit waits for."""
+    probe = directory / "fsync-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        latencies = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            os.write(fd, b"x" * 128)
+            os.fsync(fd)
+            latencies.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return statistics.median(latencies) * 1e6
+
+
+# -- output -------------------------------------------------------------------------------
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.rjust(w) if i >= 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+            for r in rows]
+    return "\n".join([f"\n{title}\n", line, rule, *body])
+
+
+async def run(args: argparse.Namespace) -> int:
+    stores = Stores(args.postgres_url)
+    kinds = []
+    for kind in args.backends:
+        reason = stores.available(kind)
+        if reason:
+            print(f"skipping {kind}: {reason}", file=sys.stderr)
+        else:
+            kinds.append(kind)
+    outputs = []
+    disk_before = fsync_median_us(stores.tmp)
+    try:
+        if "throughput" not in args.skip:
+            rows = []
+            for kind in kinds:
+                print(f"throughput: {kind} ...", file=sys.stderr)
+                rows += await throughput(stores, kind, args.calls, args.rounds)
+            outputs.append(table(
+                f"Throughput: get_state + set_state of a counter vs the same tool on a plain MCPServer "
+                f"({args.calls} calls per series, {args.rounds} interleaved rounds, in-process client)",
+                ["backend", "client", "stateless calls/s", "stateful calls/s", "ratio", "ratio (medians)"],
+                rows,
+            ))
+        if "sessions" not in args.skip:
+            rows = []
+            for kind in kinds:
+                print(f"sessions: {kind} ...", file=sys.stderr)
+                rows += await sessions_scale(stores, kind, args.sessions, args.calls, args.rounds)
+            outputs.append(table(
+                "Per-call latency vs sessions stored (2026-07-28 client, the call's own session among them)",
+                ["backend", "sessions stored", "median µs", "p99 µs", f"median / {args.sessions[0]:,}"],
+                rows,
+            ))
+        if "keys" not in args.skip:
+            rows = []
+            for kind in kinds:
+                print(f"keys: {kind} ...", file=sys.stderr)
+                rows += await keys_scale(stores, kind, args.keys, args.calls, args.rounds)
+            outputs.append(table(
+                "Per-call latency touching one key vs keys in the session (2026-07-28 client)",
+                ["backend", "keys in session", "median µs", "p99 µs", "median / 1 key"],
+                rows,
+            ))
+        disk_after = fsync_median_us(stores.tmp)
+    finally:
+        await stores.close()
+    print("\n".join(outputs))
+    print(
+        f"\nDisk: a small write + fsync took {disk_before:,.0f} µs (median) before the run and {disk_after:,.0f} µs "
+        "after; every SQLite commit waits for one (synchronous=FULL), so its rows move with this number."
+    )
+    print(f"\nPython {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per series (default 2000)")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
+    parser.add_argument(
+        "--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset of memory,sqlite,postgres"
+    )
+    parser.add_argument("--postgres-url", help="admin URL of an existing PostgreSQL (default: a throwaway server)")
+    parser.add_argument(
+        "--sessions", default="1000,1000000", help="stored-session counts to compare (default 1000,1000000)"
+    )
+    parser.add_argument("--keys", type=int, default=1000, help="keys in the big session (default 1000)")
+    parser.add_argument("--skip", default="", help="comma-separated measurements to skip: throughput,sessions,keys")
+    args = parser.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(args.backends) - set(ALL_BACKENDS)
+    if unknown:
+        parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(ALL_BACKENDS)}")
+    args.sessions = [int(n) for n in args.sessions.split(",")]
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger().setLevel(logging.WARNING)  # MCPServer sets INFO: a log line per call would be measured
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""`python -m concierge`: the example listing, errors, and serving a bundled example for real.
+
+Every command runs as a subprocess of this interpreter from a directory outside
+the repository, so the examples must be found by the package itself, not by
+the working directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp_types import CallToolResult
+
+import concierge.__main__ as cli
+from concierge.__main__ import main
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = ("shop", "travel", "workflow")
+HANDLE_KEY = "concierge/session_id"
+LIMIT = 30
+
+
+def _env() -> dict[str, str]:
+    """This environment without any concierge setting: the examples use the memory store."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CONCIERGE_")}
+
+
+def _cli(*args: str, python: str = sys.executable, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [python, "-m", "concierge", *args],
+        cwd=cwd,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+    )
+
+
+def _payload(result: CallToolResult) -> dict:
+    assert not result.is_error, result.content
+    return json.loads(result.content[0].text)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A working directory with no `examples/` in it."""
+    where = tmp_path / "elsewhere"
+    where.mkdir()
+    return where
+
+
+# -- listing and errors -------------------------------------------------------------
+def test_listing_names_every_bundled_example_with_its_summary(outside: Path) -> None:
+    done = _cli(cwd=outside)
+    assert done.returncode == 0, done.stderr
+    for name in EXAMPLES:
+        assert f"  {name} " in done.stdout
+    assert "accumulator pattern" in done.stdout  # travel's first docstring line
+    assert "guard pattern" in done.stdout  # shop's
+
+
+def test_unknown_example_exits_2_with_the_reason_on_stderr_and_nothing_on_stdout(outside: Path) -> None:
+    done = _cli("no-such-example", cwd=outside)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "unknown example 'no-such-example'" in done.stderr
+    assert "shop, travel, workflow" in done.stderr
+
+
+def test_private_modules_and_reserved_command_names_are_not_examples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("demo", "sessions", "_helpers"):
+        (tmp_path / f"{name}.py").write_text(f'"""The {name} module.\n\nMore text."""\napp = None\n')
+    monkeypatch.setattr(cli, "examples_dir", lambda: tmp_path)
+    found = cli.find_examples()
+    assert list(found) == ["demo"]
+    assert found["demo"].summary == "The demo module."
+
+
+def test_stateless_without_streamable_http_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shop", "--stateless"]) == 2
+    assert "--stateless applies only to --transport streamable-http" in capsys.readouterr().err
+
+
+def test_bad_state_url_is_reported_at_start_without_the_password(outside: Path) -> None:
+    env = {**_env(), "CONCIERGE_STATE_URL": "redis://user:hunter2@localhost/0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "concierge", "shop"],
+        cwd=outside,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "unsupported scheme 'redis'" in done.stderr
+    assert "hunter2" not in done.stderr
+
+
+def test_unreachable_store_exits_1_with_the_reason_and_a_clean_stdout(outside: Path, tmp_path: Path) -> None:
+    env = {**_env(), "CONCIERGE_STATE_URL": f"sqlite:///{tmp_path / 'missing-dir' / 'state.db'}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "concierge", "shop"],
+        cwd=outside,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("concierge: error: ") and "missing-dir" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# -- serving over stdio -------------------------------------------------------------
+def test_stdio_server_writes_only_json_rpc_to_stdout_and_exits_when_stdin_closes(outside: Path) -> None:
+    messages = [
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        },
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "add_to_cart", "arguments": {"product_id": "apple"}},
+        },
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "concierge", "shop"],
+        cwd=outside,
+        env=_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("".join(json.dumps(m) + "\n" for m in messages))
+        proc.stdin.flush()
+        lines = []
+        while not any(json.loads(line).get("id") == 2 for line in lines):  # a stray print fails to parse here
+            line = proc.stdout.readline()
+            assert line, f"stdout closed early; stderr:\n{proc.stderr.read() if proc.stderr else ''}"
+            lines.append(line)
+        rest, err = proc.communicate(timeout=LIMIT)  # closes stdin: the server must exit
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    replies = [json.loads(line) for line in [*lines, *rest.splitlines()]]
+    assert all(r.get("jsonrpc") == "2.0" for r in replies)
+    assert [r["id"] for r in replies if "id" in r] == [1, 2]
+    assert json.loads(replies[-1]["result"]["content"][0]["text"]) == {"cart": ["apple"]}
+
+
+def _stdio(python: str, cwd: Path, example: str = "shop") -> StdioServerParameters:
+    return StdioServerParameters(command=python, args=["-m", "concierge", example], env=_env(), cwd=str(cwd))
+
+
+async def _shop_round_trip(params: StdioServerParameters, mode: str) -> None:
+    with anyio.fail_after(LIMIT):
+        async with Client(params, mode=mode) as client:
+            assert (client.protocol_version == "2026-07-28") == (mode == "auto")
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert {"add_to_cart", "view_cart", "checkout"} <= tools
+            assert "start_session" not in tools, "stdio has one session per process: no handles"
+            first = await client.call_tool("add_to_cart", {"product_id": "apple"})
+            assert HANDLE_KEY not in (first.meta or {})
+            await client.call_tool("add_to_cart", {"product_id": "milk", "quantity": 2})
+            cart = _payload(await client.call_tool("view_cart", {}))
+            assert cart == {"cart": ["apple", "milk", "milk"], "total": 2.9}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_stdio_shop_example_keeps_the_cart_between_calls(outside: Path, mode: str) -> None:
+    await _shop_round_trip(_stdio(sys.executable, outside), mode)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_stdio_travel_example_books_only_after_both_selections(outside: Path, mode: str) -> None:
+    with anyio.fail_after(LIMIT):
+        async with Client(_stdio(sys.executable, outside, "travel"), mode=mode) as client:
+            refused = await client.call_tool("book_trip", {"traveller": "Ada"})
+            assert refused.is_error
+            assert "no flight and no hotel selected" in refused.content[0].text
+            await client.call_tool("select_flight", {"flight_id": "BA117"})
+            await client.call_tool("select_hotel", {"hotel_id": "pod51", "nights": 2})
+            booked = _payload(await client.call_tool("book_trip", {"traveller": "Ada"}))
+            assert booked["booking"] == "TRIP-0001"
+            assert booked["total"] == 495.0 + 2 * 120.0
+            again = await client.call_tool("book_trip", {"traveller": "Ada"})
+            assert again.is_error, "a booking clears the selections"
+
+
+# -- serving over HTTP --------------------------------------------------------------
+@pytest.fixture
+def http_server(request: pytest.FixtureRequest, outside: Path) -> Iterator[str]:
+    """`python -m concierge shop` with the transport flags in `request.param`; yields its URL."""
+    flags: list[str] = list(request.param)
+    port = _free_port()
+    log = outside / "server.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "concierge", "shop", *flags, "--port", str(port)],
+            cwd=outside,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + LIMIT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server did not listen:\n{log.read_text(errors='replace')}")
+                time.sleep(0.05)
+        path = "/sse" if "sse" in flags else "/mcp"
+        yield f"http://127.0.0.1:{port}{path}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+async def _add_twice_and_view(client: Client) -> tuple[dict, bool]:
+    """Add two products, passing back any handle; returns the cart and whether handles were used."""
+    extra: dict[str, str] = {}
+    for product in ("apple", "bread"):
+        result = await client.call_tool("add_to_cart", {"product_id": product, **extra})
+        handle = (result.meta or {}).get(HANDLE_KEY)
+        if handle:
+            extra["session_id"] = handle
+    return _payload(await client.call_tool("view_cart", extra)), bool(extra)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("http_server", "mode", "expect_handles"),
+    [
+        (["--transport", "streamable-http"], "legacy", False),
+        (["--transport", "streamable-http"], "auto", True),
+        (["--transport", "streamable-http", "--stateless"], "legacy", True),
+        (["--transport", "sse"], "legacy", False),
+    ],
+    indirect=["http_server"],
+    ids=["http-legacy", "http-modern", "stateless-legacy", "sse-legacy"],
+)
+async def test_http_flags_reach_the_server(http_server: str, mode: str, expect_handles: bool) -> None:
+    if http_server.endswith("/sse"):
+        from mcp.client.sse import sse_client
+
+        target = sse_client(http_server)
+    else:
+        target = http_server
+    with anyio.fail_after(LIMIT):
+        async with Client(target, mode=mode) as client:
+            cart, used_handles = await _add_twice_and_view(client)
+    assert cart == {"cart": ["apple", "bread"], "total": 2.75}
+    assert used_handles == expect_handles
+
+
+# -- the installed wheel --------------------------------------------------------------
+@pytest.mark.anyio
+async def test_wheel_install_bundles_the_examples_and_serves_them(tmp_path: Path, outside: Path) -> None:
+    """A non-editable install finds its examples inside the package (`concierge/examples`).
+
+    Offline: the venv sees this interpreter's packages, and the wheel is built
+    with the hatchling installed here (no build isolation, no index).
+    """
+    if importlib.util.find_spec("hatchling") is None:
+        pytest.skip("hatchling (the build backend) is not installed, so the wheel cannot be built offline")
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True, timeout=LIMIT
+    )
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert install.returncode == 0, install.stderr
+    where = subprocess.run(
+        [python, "-c", "import concierge.__main__ as m; print(m.examples_dir())"],
+        cwd=outside,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(venv), "the installed package must use its bundled examples"
+    listing = _cli(python=python, cwd=outside)
+    assert listing.returncode == 0, listing.stderr
+    assert all(f"  {name} " in listing.stdout for name in EXAMPLES)
+    await _shop_round_trip(_stdio(python, outside), "legacy")
