@@ -266,7 +266,7 @@ class _Locks:
     async def hold(self, session_id: str) -> AsyncIterator[None]:
         lock, users = self._locks.get(session_id, (None, 0))
         if lock is None:
-            lock = anyio.Lock()
+            lock = anyio.Lock(fast_acquire=True)  # no scheduler round trip when uncontended
         self._locks[session_id] = (lock, users + 1)
         try:
             async with lock:

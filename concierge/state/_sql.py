@@ -243,12 +243,7 @@ class SQLBackend(StateBackend):
                         commit.stage,
                     )
                 if not bumped:
-                    rows = await tx.fetch(_VERSION, sid, now)
-                    if not rows:
-                        raise ConflictError(f"session {sid!r} no longer exists (deleted or expired)")
-                    raise ConflictError(
-                        f"session {sid!r} is at version {rows[0][0]}, expected {commit.expected_version}"
-                    )
+                    raise await self._conflict(tx, commit, now)
                 version = commit.expected_version + 1
                 if commit.clear:
                     await tx.execute(_CLEAR_VALUES, sid)
@@ -264,6 +259,16 @@ class SQLBackend(StateBackend):
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         async with self._transaction(write=True) as tx:
             return bool(await tx.execute(_TOUCH, session_id, now, expires_at))
+
+    @staticmethod
+    async def _conflict(tx: Tx, commit: Commit, now: float) -> ConflictError:
+        """Why a commit's version check found no row to bump."""
+        rows = await tx.fetch(_VERSION, commit.session_id, now)
+        if not rows:
+            return ConflictError(f"session {commit.session_id!r} no longer exists (deleted or expired)")
+        return ConflictError(
+            f"session {commit.session_id!r} is at version {rows[0][0]}, expected {commit.expected_version}"
+        )
 
     async def delete(self, session_id: str) -> bool:
         async with self._transaction(write=True) as tx:
