@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -135,8 +136,7 @@ class SQLiteBackend(SQLBackend):
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             await conn.execute("PRAGMA foreign_keys = ON")  # the values table cascades on delete
-            async with conn.execute("PRAGMA journal_mode = WAL") as cursor:
-                row = await cursor.fetchone()
+            row = await self._enable_wal(conn)
             if row is None or str(row[0]).lower() != "wal":
                 logger.warning("%s: journal mode is %s, not WAL", self._where(), row[0] if row else "unknown")
         except BaseException as exc:
@@ -146,6 +146,26 @@ class SQLiteBackend(SQLBackend):
                 raise self._unavailable(exc) from exc
             raise
         self._conn = conn
+
+    async def _enable_wal(self, conn: aiosqlite.Connection) -> Any:
+        """Switch the file to WAL, retrying while another process holds it.
+
+        SQLite answers SQLITE_BUSY to this pragma at once, without waiting out
+        busy_timeout, when another process is switching the same new file
+        at the same moment; so the wait is done here.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                async with conn.execute("PRAGMA journal_mode = WAL") as cursor:
+                    return await cursor.fetchone()
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+                if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or time.monotonic() > deadline:
+                    raise
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
