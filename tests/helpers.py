@@ -1,0 +1,157 @@
+"""Shared utilities for the transport tests: free ports, server subprocesses, result parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mcp_types import CallToolResult
+
+HANDLE_KEY = "concierge/session_id"
+SERVERS = Path(__file__).parent / "servers"
+CART_SERVER = SERVERS / "cart_server.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(state_url: str | None) -> dict[str, str]:
+    """This process's environment with `CONCIERGE_STATE_URL` set (or removed)."""
+    env = dict(os.environ)
+    env.pop("CONCIERGE_STATE_URL", None)
+    if state_url is not None:
+        env["CONCIERGE_STATE_URL"] = state_url
+    return env
+
+
+class ServerProcess:
+    """A server subprocess on 127.0.0.1; its stderr goes to a log file shown when it fails.
+
+    `start()` returns at once; `wait_ready()` waits (bounded) until the port accepts
+    connections. `kill()` is SIGKILL, always safe to call.
+    """
+
+    def __init__(self, args: list[str], *, port: int, state_url: str | None, path: str = "/mcp") -> None:
+        self.args = args
+        self.port = port
+        self.state_url = state_url
+        self.path = path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="concierge-server-", suffix=".log", delete=False)
+
+    @classmethod
+    def cart(
+        cls, transport: str, *, state_url: str | None = None, port: int | None = None, stateless: bool = False
+    ) -> ServerProcess:
+        port = port or free_port()
+        args = [str(CART_SERVER), transport, str(port)] + (["--stateless"] if stateless else [])
+        return cls(args, port=port, state_url=state_url, path="/sse" if transport == "sse" else "/mcp")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.args],
+            env=server_env(self.state_url),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            start_new_session=True,
+        )
+        return self
+
+    def log(self) -> str:
+        try:
+            return Path(self._log.name).read_text(errors="replace")[-4000:]
+        except OSError:
+            return "<no log>"
+
+    def wait_ready(self, timeout: float = 20.0) -> ServerProcess:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before listening:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"server did not listen on port {self.port} within {timeout}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL the server (no clean shutdown) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        """Kill the server and drop its log, echoing the log to stderr (pytest shows it when a test fails)."""
+        self.kill()
+        log = self.log().strip()
+        if log:
+            print(f"--- log of server {' '.join(self.args)} (pid {self.proc.pid if self.proc else None}) ---\n{log}", file=sys.stderr)
+        try:
+            os.unlink(self._log.name)
+        except OSError:
+            pass
+        self._log.close()
+
+
+def start_all(*servers: ServerProcess, timeout: float = 20.0) -> None:
+    """Start servers in parallel and wait until each listens; kill them all if one fails."""
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready(timeout)
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+
+
+# -- results --------------------------------------------------------------------------
+def texts(result: CallToolResult) -> list[str]:
+    return [c.text for c in result.content if getattr(c, "type", None) == "text"]
+
+
+def text(result: CallToolResult) -> str:
+    return "\n".join(texts(result))
+
+
+def payload(result: CallToolResult) -> Any:
+    """The tool's return value: structured content, else the JSON of the first text block."""
+    assert not result.is_error, f"tool call failed: {text(result)}"
+    if isinstance(result.structured_content, dict) and "result" not in result.structured_content:
+        return result.structured_content
+    return json.loads(texts(result)[0])
+
+
+def handle_of(result: CallToolResult) -> str:
+    meta = result.meta or {}
+    handle = meta.get(HANDLE_KEY)
+    assert isinstance(handle, str) and handle, f"no {HANDLE_KEY} in result _meta: {meta!r}"
+    return handle
+
+
+def has_handle(result: CallToolResult) -> bool:
+    return HANDLE_KEY in (result.meta or {})

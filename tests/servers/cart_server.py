@@ -1,0 +1,76 @@
+"""A cart server for the transport tests (tests/test_stdio.py, tests/test_http.py).
+
+Run by file path:
+
+    python tests/servers/cart_server.py stdio
+    python tests/servers/cart_server.py streamable-http PORT [--stateless]
+    python tests/servers/cart_server.py sse PORT
+
+The state store comes from `CONCIERGE_STATE_URL` (memory when unset). Every
+result carries the server's pid so a test can tell which process served it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import anyio
+
+from concierge import Concierge
+
+app = Concierge("cart-server")
+
+
+@app.tool()
+def add_to_cart(item: str) -> dict:
+    """Append an item to the cart (sync tool)."""
+    cart = app.get_state("cart", [])
+    cart.append(item)
+    app.set_state("cart", cart)
+    return {"cart": cart, "pid": os.getpid()}
+
+
+@app.tool()
+async def add_slowly(item: str, delay: float = 0.0) -> dict:
+    """Append an item, awaiting `delay` seconds between reading and writing the cart."""
+    cart = app.get_state("cart", [])
+    await anyio.sleep(delay)
+    cart.append(item)
+    app.set_state("cart", cart)
+    return {"cart": cart, "pid": os.getpid()}
+
+
+@app.tool()
+def add_blocking(item: str, delay: float = 0.0) -> dict:
+    """Append an item, blocking the worker thread `delay` seconds between reading and writing."""
+    cart = app.get_state("cart", [])
+    time.sleep(delay)
+    cart.append(item)
+    app.set_state("cart", cart)
+    return {"cart": cart, "pid": os.getpid()}
+
+
+@app.tool()
+def view_cart() -> dict:
+    """Show the cart."""
+    return {"cart": app.get_state("cart", []), "pid": os.getpid()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("transport", choices=["stdio", "sse", "streamable-http"])
+    parser.add_argument("port", type=int, nargs="?", default=0)
+    parser.add_argument("--stateless", action="store_true")
+    args = parser.parse_args()
+    if args.transport == "stdio":
+        app.run()
+    elif args.transport == "sse":
+        app.run("sse", host="127.0.0.1", port=args.port)
+    else:
+        app.run("streamable-http", host="127.0.0.1", port=args.port, stateless_http=args.stateless)
+
+
+if __name__ == "__main__":
+    main()
