@@ -340,23 +340,22 @@ class Concierge(MCPServer[Any]):
             if unit.version == 0:
                 unit.owner = identity.owner
                 unit.must_persist = identity.via_handle
-            unit.tool = name
+            # A first call that fails creates nothing, so it hands out no handle.
+            unsaved = self._with_handle if not identity.is_new else lambda result, _: result
             refusal = self._stage_refusal(unit, name)
             if refusal is not None:
-                # A refused first call creates nothing, so it hands out no handle.
-                error = self._error(ctx, refusal)
-                return error if identity.is_new else self._with_handle(error, identity)
+                return unsaved(self._error(ctx, refusal), identity)
             stage_before = unit.stage
             with SessionStore.bind(unit):
                 result = await call_next(ctx)
             if not isinstance(result, dict) or result.get("isError"):
-                return result if identity.is_new else self._with_handle(result, identity)
+                return unsaved(result, identity)
             try:
                 await self._store.commit(unit)
             except ConflictError as exc:
-                return self._with_handle(self._failed(result, f"conflict: {exc}; nothing was saved, retry"), identity)
+                return unsaved(self._failed(result, f"conflict: {exc}; nothing was saved, retry"), identity)
             except StateUnavailableError as exc:
-                return self._with_handle(self._failed(result, str(exc)), identity)
+                return unsaved(self._failed(result, str(exc)), identity)
         if unit.stage != stage_before and not identity.via_handle and self._filters_list(ctx):
             await self._notify_tools_changed(ctx)
         return self._with_handle(result, identity)

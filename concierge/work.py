@@ -154,7 +154,6 @@ class UnitOfWork:
     must_persist: bool = False
     max_value_bytes: int | None = None
     no_session_reason: str = "this request has no session"
-    tool: str | None = None
     error: Exception | None = None
     """The last concierge error raised to user code in this request, so the
     MCP glue can report its message where the SDK would hide it (prompts)."""
