@@ -8,7 +8,11 @@ and test_postgres_backend.py.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -18,6 +22,8 @@ from concierge.state import UNCHANGED, Commit, StateBackend, backend_from_url
 from concierge.state._sql import MIGRATIONS, SQLBackend
 
 pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parents[1]
 
 NOW = 1_000_000.0
 
@@ -391,6 +397,54 @@ async def test_migrations_apply_once_however_often_the_store_is_opened(durable_s
             await b.commit(Commit(f"s{attempt}", 0, {"a": "1"}), now=NOW)
             if attempt == 1:  # the schema was not recreated: the first run's data is still there
                 assert await b.load("s0", now=NOW) is not None
+
+
+_WORKER = """
+import asyncio, os, sys, time
+from concierge.state import Commit, backend_from_url
+url, name, ready, go = sys.argv[1:5]
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+async def main():
+    async with backend_from_url(url) as b:
+        await b.commit(Commit(name, 0, {"who": '"' + name + '"'}), now=1.0)
+asyncio.run(main())
+"""
+
+
+def start_together(url: str, names: list[str], tmp: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Run one worker per name, released at the same instant once all have imported."""
+    go = tmp / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, url, name, str(tmp / f"ready-{name}"), str(go)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name in names
+    ]
+    deadline = time.monotonic() + 30
+    while not all((tmp / f"ready-{n}").exists() for n in names) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    go.touch()
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=30)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+async def test_processes_starting_at_once_on_one_empty_store_all_succeed(
+    durable_state_url: str, tmp_path: Path
+) -> None:
+    names = [f"p{i}" for i in range(3)]
+    for done in start_together(durable_state_url, names, tmp_path):
+        assert done.returncode == 0, done.stderr
+    async with backend_from_url(durable_state_url) as b:
+        assert await _applied_migrations(b) == list(range(1, len(MIGRATIONS) + 1))
+        for name in names:
+            record = await b.load(name, now=NOW)
+            assert record is not None and record.values == {"who": f'"{name}"'}
 
 
 async def test_two_backend_objects_on_one_store_detect_each_others_commits(durable_state_url: str) -> None:

@@ -7,7 +7,6 @@ import os
 import socket
 import traceback
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import asyncpg
@@ -15,10 +14,8 @@ import pytest
 
 from concierge.errors import ConfigurationError, StateUnavailableError
 from concierge.state import Commit, backend_from_url
-from concierge.state._sql import MIGRATIONS
 from concierge.state.postgres import PostgresBackend
 from tests.conftest import _ThrowawayPostgres, fresh_postgres_database
-from tests.test_sqlite_backend import start_together
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -81,21 +78,6 @@ async def test_postgres_unreachable_server_names_host_and_port_never_the_passwor
 
 
 # -- concurrent start-up ----------------------------------------------------------------------
-
-
-async def test_postgres_processes_starting_at_once_on_one_empty_database_all_succeed(
-    pg_url: str, tmp_path: Path
-) -> None:
-    names = [f"p{i}" for i in range(3)]
-    for done in start_together(pg_url, names, tmp_path):
-        assert done.returncode == 0, done.stderr
-    async with PostgresBackend(pg_url) as b:
-        async with b._transaction(write=False) as tx:
-            versions = [r[0] for r in await tx.fetch("SELECT version FROM concierge_migrations ORDER BY version")]
-        assert versions == list(range(1, len(MIGRATIONS) + 1))
-        for name in names:
-            record = await b.load(name, now=NOW)
-            assert record is not None and record.values == {"who": f'"{name}"'}
 
 
 # -- what a commit costs -------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import pytest
 
 from concierge.errors import ConfigurationError, StateUnavailableError
 from concierge.state import Commit, backend_from_url
-from concierge.state._sql import MIGRATIONS
 from concierge.state.sqlite import SQLiteBackend
 
 pytestmark = pytest.mark.anyio
@@ -120,55 +119,6 @@ async def test_sqlite_read_only_file_is_a_clear_error_at_open(tmp_path: Path) ->
 
 
 # -- several processes ------------------------------------------------------------------
-
-
-_WORKER = """
-import asyncio, os, sys, time
-from concierge.state import Commit, backend_from_url
-url, name, ready, go = sys.argv[1:5]
-open(ready, "w").close()
-while not os.path.exists(go):
-    time.sleep(0.001)
-async def main():
-    async with backend_from_url(url) as b:
-        await b.commit(Commit(name, 0, {"who": '"' + name + '"'}), now=1.0)
-asyncio.run(main())
-"""
-
-
-def start_together(url: str, names: list[str], tmp: Path) -> list[subprocess.CompletedProcess[str]]:
-    """Run one worker per name, released at the same instant once all have imported."""
-    go = tmp / "go"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER, url, name, str(tmp / f"ready-{name}"), str(go)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for name in names
-    ]
-    deadline = time.monotonic() + 30
-    while not all((tmp / f"ready-{n}").exists() for n in names) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    go.touch()
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=30)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
-
-
-async def test_sqlite_processes_starting_at_once_on_one_empty_file_all_succeed(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
-    names = [f"p{i}" for i in range(3)]
-    for done in start_together(f"sqlite:///{path}", names, tmp_path):
-        assert done.returncode == 0, done.stderr
-    async with SQLiteBackend(path) as b:
-        async with b._transaction(write=False) as tx:
-            versions = [r[0] for r in await tx.fetch("SELECT version FROM concierge_migrations ORDER BY version")]
-        assert versions == list(range(1, len(MIGRATIONS) + 1))
-        for name in names:
-            record = await b.load(name, now=NOW)
-            assert record is not None and record.values == {"who": f'"{name}"'}
 
 
 # -- what a commit and a load cost -------------------------------------------------------------
