@@ -11,8 +11,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -77,6 +77,15 @@ def _ttl_from_env() -> float | None:
         return _seconds(float(raw))
     except ValueError:
         raise ConfigurationError(f"{ENV_TTL}={raw!r} is not a number of seconds (or 'none')") from None
+
+
+@contextmanager
+def _as_protocol_error() -> Iterator[None]:
+    """Report a store failure outside `tools/call` (which has no error result) as a JSON-RPC error."""
+    try:
+        yield
+    except (ConflictError, StateUnavailableError) as exc:
+        raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from exc
 
 
 class Concierge(MCPServer[Any]):
@@ -419,19 +428,15 @@ class Concierge(MCPServer[Any]):
             )
             return await self._surfaced(self._store.unbound(reason), ctx, call_next)
         async with self._store.locked(identity.session_id):
-            try:
+            with _as_protocol_error():
                 unit = await self._store.load(identity.session_id, create=not identity.via_handle)
-            except StateUnavailableError as exc:
-                raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from exc
             if unit is None or (identity.via_handle and unit.owner != identity.owner):
                 return await self._surfaced(self._store.unbound(self._unknown_session(identity)), ctx, call_next)
             if unit.version == 0:
                 unit.owner = identity.owner
             result = await self._surfaced(unit, ctx, call_next)
-            try:
+            with _as_protocol_error():
                 await self._store.commit(unit)
-            except (ConflictError, StateUnavailableError) as exc:
-                raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from exc
             return result
 
     @staticmethod
@@ -462,10 +467,8 @@ class Concierge(MCPServer[Any]):
         if filtering:
             session_id = sessions.wire_session(ctx)
             assert session_id is not None
-            try:
+            with _as_protocol_error():
                 unit = await self._store.load(session_id, create=True)
-            except StateUnavailableError as exc:
-                raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from exc
             stage = graph.current(unit.stage if unit else None)
         tools = []
         for tool in result["tools"]:

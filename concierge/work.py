@@ -86,7 +86,7 @@ def encode(key: str, value: Any, max_bytes: int | None = None) -> str:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_reject)
     except _NotJSON as exc:
         hint = _HINTS.get(exc.type_name, "convert it to a JSON type (dict, list, str, int, float, bool, None)")
-        where = "value" if exc.value is value else f"value contains an object that"
+        where = "value" if exc.value is value else "value contains an object that"
         raise StateTypeError(
             f"state key {key!r}: {where} of type {exc.type_name} is not JSON-serialisable; {hint}"
         ) from None
@@ -423,11 +423,11 @@ class SessionStore:
         Renewing on every read would turn every read into a write; a session
         idle for the full TTL still expires within a minute of it.
         """
-        if unit.version == 0 or self.ttl is None or unit.session_id is None:
+        if unit.version == 0 or self.ttl is None:
             return
         if unit.expires_at is not None and unit.expires_at - now > self.ttl - min(60.0, self.ttl / 10):
             return
-        await self.backend.touch(unit.session_id, expires_at=now + self.ttl, now=now)
+        await self.backend.touch(unit.session_id, expires_at=now + self.ttl, now=now)  # type: ignore[arg-type]
 
     async def delete(self, session_id: str) -> bool:
         """Delete a session outright."""
