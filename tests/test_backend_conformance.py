@@ -311,6 +311,81 @@ async def test_clear_expired_deletes_only_expired_sessions_and_counts_them(backe
     assert await backend.load("old0", now=NOW) is None
 
 
+async def test_take_expired_returns_each_expired_session_once_with_its_state_and_deletes_it(
+    backend: StateBackend,
+) -> None:
+    for i in range(5):
+        await _make(backend, f"old{i}", {"i": str(i), "k": '"v"'}, stage="cart", owner="al", expires_at=NOW + 10 + i)
+    await _make(backend, "live", {"a": "1"}, expires_at=NOW + 100)
+    await _make(backend, "forever", {"a": "1"})
+    first = await backend.take_expired(now=NOW + 50, limit=3)
+    second = await backend.take_expired(now=NOW + 50, limit=3)
+    assert len(first) == 3 and len(second) == 2
+    taken = {r.session_id: r for r in first + second}
+    assert set(taken) == {f"old{i}" for i in range(5)}
+    assert taken["old3"].values == {"i": "3", "k": '"v"'}
+    assert (taken["old3"].stage, taken["old3"].owner, taken["old3"].expires_at) == ("cart", "al", NOW + 13)
+    assert await backend.take_expired(now=NOW + 50, limit=3) == []
+    assert await backend.load("old0", now=float("-inf")) is None  # deleted, not hidden
+    assert await backend.load("live", now=NOW + 50) is not None
+    assert await backend.load("forever", now=NOW + 10**9) is not None
+
+
+async def test_load_at_minus_infinity_sees_an_expired_session_until_it_is_deleted(backend: StateBackend) -> None:
+    await _make(backend, "s1", {"a": "1"}, expires_at=NOW + 10)
+    assert await backend.load("s1", now=NOW + 10) is None
+    record = await backend.load("s1", now=float("-inf"))
+    assert record is not None and record.expires_at == NOW + 10 and record.values == {"a": "1"}
+    await backend.delete("s1")
+    assert await backend.load("s1", now=float("-inf")) is None
+
+
+async def test_commit_all_applies_every_commit_or_none(backend: StateBackend) -> None:
+    await _make(backend, "a", {"n": "1"})
+    await _make(backend, "b", {"n": "1"})
+    versions = await backend.commit_all(
+        [Commit("b", 1, {"n": "2"}), Commit("a", 1, {"n": "2"}), Commit("c", 0, {"n": "1"})], now=NOW
+    )
+    assert versions == [2, 2, 1]
+    with pytest.raises(ConflictError):  # "a" is at version 2 now: the whole batch is refused
+        await backend.commit_all([Commit("b", 2, {"n": "3"}), Commit("a", 1, {"n": "3"})], now=NOW)
+    for sid, n, version in (("a", "2", 2), ("b", "2", 2), ("c", "1", 1)):
+        record = await backend.load(sid, now=NOW)
+        assert record is not None and (record.values, record.version) == ({"n": n}, version)
+    with pytest.raises(ConflictError):  # a creation that finds a live session refuses the batch too
+        await backend.commit_all([Commit("d", 0, {"n": "1"}), Commit("c", 0, {"n": "9"})], now=NOW)
+    assert await backend.load("d", now=NOW) is None
+
+
+async def test_concurrent_cross_session_commits_in_opposite_orders_all_land(backend: StateBackend) -> None:
+    """Two buckets written together from many tasks in both orders: no deadlock, nothing lost."""
+    await _make(backend, "x", {"n": "0"})
+    await _make(backend, "y", {"n": "0"})
+
+    async def bump(reverse: bool) -> None:
+        for _ in range(5):
+            while True:
+                rx, ry = await backend.load("x", now=NOW), await backend.load("y", now=NOW)
+                assert rx and ry and rx.values is not None and ry.values is not None
+                commits = [
+                    Commit("x", rx.version, {"n": str(int(rx.values["n"]) + 1)}),
+                    Commit("y", ry.version, {"n": str(int(ry.values["n"]) + 1)}),
+                ]
+                try:
+                    await backend.commit_all(commits[::-1] if reverse else commits, now=NOW)
+                    break
+                except ConflictError:
+                    await anyio.sleep(0)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(bump, i % 2 == 1)
+    for sid in ("x", "y"):
+        record = await backend.load(sid, now=NOW)
+        assert record is not None and record.values == {"n": "30"}
+
+
 # -- concurrency -----------------------------------------------------------------
 
 

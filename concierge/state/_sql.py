@@ -115,6 +115,8 @@ class SQLBackend(StateBackend):
 
     #: Deletes every session expired at `$1`; a dialect may refine it.
     _clear_expired_sql = "DELETE FROM concierge_sessions WHERE expires_at <= $1"
+    #: Up to `$2` ids of sessions expired at `$1`, locked for this transaction where the dialect can.
+    _expired_ids_sql = "SELECT id FROM concierge_sessions WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2"
 
     def __init__(self) -> None:
         self._open_lock = anyio.Lock()
@@ -219,41 +221,50 @@ class SQLBackend(StateBackend):
                 if version == known_version and known_created_at in (None, created_at):
                     return SessionRecord(session_id, int(version), None, stage, owner, expires_at, created_at)
             rows = await tx.fetch(_LOAD_ALL, session_id, now)
-        if not rows:
-            return None
-        version, stage, owner, expires_at, created_at = rows[0][:5]
-        values = {row[5]: row[6] for row in rows if row[5] is not None}
-        return SessionRecord(session_id, int(version), values, stage, owner, expires_at, created_at)
+        return _record(session_id, rows) if rows else None
 
     async def commit(self, commit: Commit, *, now: float) -> int:
-        sid = commit.session_id
         async with self._transaction(write=True) as tx:
-            if commit.expected_version == 0:
-                stage = None if commit.stage is UNCHANGED else commit.stage
-                if not await tx.execute(_CREATE, sid, stage, commit.owner, now, commit.expires_at):
-                    raise ConflictError(f"session {sid!r} was created concurrently")
-                await tx.execute(_CLEAR_VALUES, sid)
-                version = 1
+            return await self._apply(tx, commit, now)
+
+    async def commit_all(self, commits: Sequence[Commit], *, now: float) -> list[int]:
+        versions: dict[str, int] = {}
+        async with self._transaction(write=True) as tx:
+            # One order for every writer: two transactions locking the same
+            # session rows never wait on each other in a cycle.
+            for commit in sorted(commits, key=lambda c: c.session_id):
+                versions[commit.session_id] = await self._apply(tx, commit, now)
+        return [versions[commit.session_id] for commit in commits]
+
+    async def _apply(self, tx: Tx, commit: Commit, now: float) -> int:
+        """Write one commit inside `tx`; return the session's new version."""
+        sid = commit.session_id
+        if commit.expected_version == 0:
+            stage = None if commit.stage is UNCHANGED else commit.stage
+            if not await tx.execute(_CREATE, sid, stage, commit.owner, now, commit.expires_at):
+                raise ConflictError(f"session {sid!r} was created concurrently")
+            await tx.execute(_CLEAR_VALUES, sid)
+            version = 1
+        else:
+            if commit.stage is UNCHANGED:
+                bumped = await tx.execute(_BUMP.format(stage=""), sid, now, commit.expected_version, commit.expires_at)
             else:
-                if commit.stage is UNCHANGED:
-                    bumped = await tx.execute(_BUMP.format(stage=""), sid, now, commit.expected_version, commit.expires_at)
-                else:
-                    bumped = await tx.execute(
-                        _BUMP.format(stage=", stage = $5"), sid, now, commit.expected_version, commit.expires_at,
-                        commit.stage,
-                    )
-                if not bumped:
-                    raise await self._conflict(tx, commit, now)
-                version = commit.expected_version + 1
-                if commit.clear:
-                    await tx.execute(_CLEAR_VALUES, sid)
-            # Only the keys this unit touched: the cost follows the change, not the session's size.
-            removed = [(sid, key) for key, value in commit.changes.items() if value is None]
-            written = [(sid, key, value) for key, value in commit.changes.items() if value is not None]
-            if removed:
-                await tx.executemany(_DELETE_VALUE, removed)
-            if written:
-                await tx.executemany(_PUT_VALUE, written)
+                bumped = await tx.execute(
+                    _BUMP.format(stage=", stage = $5"), sid, now, commit.expected_version, commit.expires_at,
+                    commit.stage,
+                )
+            if not bumped:
+                raise await self._conflict(tx, commit, now)
+            version = commit.expected_version + 1
+            if commit.clear:
+                await tx.execute(_CLEAR_VALUES, sid)
+        # Only the keys this unit touched: the cost follows the change, not the session's size.
+        removed = [(sid, key) for key, value in commit.changes.items() if value is None]
+        written = [(sid, key, value) for key, value in commit.changes.items() if value is not None]
+        if removed:
+            await tx.executemany(_DELETE_VALUE, removed)
+        if written:
+            await tx.executemany(_PUT_VALUE, written)
         return version
 
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
@@ -277,3 +288,18 @@ class SQLBackend(StateBackend):
     async def clear_expired(self, *, now: float) -> int:
         async with self._transaction(write=True) as tx:
             return await tx.execute(self._clear_expired_sql, now)
+
+    async def take_expired(self, *, now: float, limit: int) -> list[SessionRecord]:
+        taken = []
+        async with self._transaction(write=True) as tx:
+            for (sid,) in await tx.fetch(self._expired_ids_sql, now, limit):
+                taken.append(_record(sid, await tx.fetch(_LOAD_ALL, sid, float("-inf"))))
+                await tx.execute(_DELETE, sid)
+        return taken
+
+
+def _record(session_id: str, rows: Sequence[Sequence[Any]]) -> SessionRecord:
+    """A session from the rows of `_LOAD_ALL` (one per key; one with a NULL key when it has none)."""
+    version, stage, owner, expires_at, created_at = rows[0][:5]
+    values = {row[5]: row[6] for row in rows if row[5] is not None}
+    return SessionRecord(session_id, int(version), values, stage, owner, expires_at, created_at)

@@ -14,6 +14,7 @@ another process wrote to the session since it was loaded.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["Commit", "SessionRecord", "StateBackend", "UNCHANGED"]
@@ -118,6 +119,9 @@ class StateBackend(ABC):
         """Return the live session, or `None` when it does not exist or has expired.
 
         Args:
+            now: the time expiry is judged at. `float("-inf")` returns a
+                session whatever its expiry, as long as it has not been deleted
+                (how an expired handle is told apart from an unknown one).
             known_version: the version whose values the caller already holds;
                 when it equals the stored version (and `known_created_at`, when
                 given, equals the stored `created_at`), the record comes back
@@ -144,6 +148,19 @@ class StateBackend(ABC):
         """
 
     @abstractmethod
+    async def commit_all(self, commits: Sequence[Commit], *, now: float) -> list[int]:
+        """Apply several commits, to distinct sessions, atomically: all of them or none.
+
+        One unit of work writes its session and the shared user and global
+        buckets this way. Returns the new versions, in the order given.
+
+        Raises:
+            ConflictError: any one of them conflicts (as in `commit`); nothing
+                is written.
+            StateUnavailableError: the store could not be reached.
+        """
+
+    @abstractmethod
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         """Move a live session's expiry to `expires_at` without changing its version.
 
@@ -159,6 +176,15 @@ class StateBackend(ABC):
     @abstractmethod
     async def clear_expired(self, *, now: float) -> int:
         """Delete every session expired at `now`; return how many were deleted."""
+
+    @abstractmethod
+    async def take_expired(self, *, now: float, limit: int) -> list[SessionRecord]:
+        """Delete up to `limit` sessions expired at `now` and return them as they were.
+
+        Each expired session is returned by exactly one call, even with several
+        processes sweeping one store, so end-of-session work runs once.
+        Returns an empty list when none is left.
+        """
 
     async def __aenter__(self) -> StateBackend:
         await self.open()

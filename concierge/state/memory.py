@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from concierge.errors import ConflictError
@@ -57,32 +58,43 @@ class MemoryBackend(StateBackend):
         return SessionRecord(session_id, row.version, values, row.stage, row.owner, row.expires_at, row.created_at)
 
     async def commit(self, commit: Commit, *, now: float) -> int:
+        return (await self.commit_all([commit], now=now))[0]
+
+    async def commit_all(self, commits: Sequence[Commit], *, now: float) -> list[int]:
+        rows = [self._checked(commit, now) for commit in commits]  # every check before any write
+        versions = []
+        for commit, row in zip(commits, rows):
+            if commit.clear:
+                row.values.clear()
+            for key, value in commit.changes.items():
+                if value is None:
+                    row.values.pop(key, None)
+                else:
+                    row.values[key] = value
+            if commit.stage is not UNCHANGED:
+                row.stage = commit.stage  # type: ignore[assignment]
+            row.expires_at = commit.expires_at
+            row.version += 1
+            self._rows[commit.session_id] = row
+            versions.append(row.version)
+        return versions
+
+    def _checked(self, commit: Commit, now: float) -> _Row:
+        """The row `commit` applies to (a new one when it creates the session), or `ConflictError`."""
         row = self._rows.get(commit.session_id)
         if row is not None and not row.live(now):
             row = None
         if commit.expected_version == 0:
             if row is not None:
                 raise ConflictError(f"session {commit.session_id!r} was created concurrently")
-            row = _Row(version=0, stage=None, owner=commit.owner, expires_at=None, created_at=now)
-        elif row is None:
+            return _Row(version=0, stage=None, owner=commit.owner, expires_at=None, created_at=now)
+        if row is None:
             raise ConflictError(f"session {commit.session_id!r} no longer exists (deleted or expired)")
-        elif row.version != commit.expected_version:
+        if row.version != commit.expected_version:
             raise ConflictError(
                 f"session {commit.session_id!r} is at version {row.version}, expected {commit.expected_version}"
             )
-        if commit.clear:
-            row.values.clear()
-        for key, value in commit.changes.items():
-            if value is None:
-                row.values.pop(key, None)
-            else:
-                row.values[key] = value
-        if commit.stage is not UNCHANGED:
-            row.stage = commit.stage  # type: ignore[assignment]
-        row.expires_at = commit.expires_at
-        row.version += 1
-        self._rows[commit.session_id] = row
-        return row.version
+        return row
 
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         row = self._rows.get(session_id)
@@ -99,3 +111,10 @@ class MemoryBackend(StateBackend):
         for sid in expired:
             del self._rows[sid]
         return len(expired)
+
+    async def take_expired(self, *, now: float, limit: int) -> list[SessionRecord]:
+        taken = []
+        for sid in [sid for sid, row in self._rows.items() if not row.live(now)][:limit]:
+            row = self._rows.pop(sid)
+            taken.append(SessionRecord(sid, row.version, row.values, row.stage, row.owner, row.expires_at, row.created_at))
+        return taken

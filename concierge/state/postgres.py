@@ -100,6 +100,9 @@ class PostgresBackend(SQLBackend):
         "DELETE FROM concierge_sessions WHERE id IN (SELECT id FROM concierge_sessions"
         " WHERE expires_at <= $1 FOR UPDATE SKIP LOCKED)"
     )
+    _expired_ids_sql = (
+        "SELECT id FROM concierge_sessions WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+    )
 
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0) -> None:
         super().__init__()
