@@ -8,32 +8,51 @@ results with the session handle where the wire has no session of its own.
 
 from __future__ import annotations
 
+import dis
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+import random
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
+import anyio
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
-from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, SERVER_INFO_META_KEY, CallToolResult, Implementation, TextContent
+from mcp_types import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    SERVER_INFO_META_KEY,
+    CallToolResult,
+    Implementation,
+    TextContent,
+)
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from concierge import sessions
+from concierge._sdk import connection_of
 from concierge.errors import (
     ConfigurationError,
     ConflictError,
+    SessionExpiredError,
     StageError,
     StateUnavailableError,
+    UnknownSessionError,
 )
 from concierge.sessions import HANDLE_META_KEY, HANDLE_PREFIX, Identity
 from concierge.stages import StageGraph
-from concierge.state import ENV_STATE_URL, StateBackend, backend_from_url
-from concierge.work import SessionStore, UnitOfWork, current_unit
+from concierge.state import ENV_STATE_URL, SessionRecord, StateBackend, backend_from_url
+from concierge.work import SHARED_SCOPES, SessionStore, UnitOfWork, current_unit
 
 __all__ = ["Concierge"]
 
@@ -48,6 +67,17 @@ SESSION_ARG = "session_id"
 DEFAULT_TTL = timedelta(hours=24)
 ENV_TTL = "CONCIERGE_SESSION_TTL"
 DEFAULT_MAX_VALUE_BYTES = 1_000_000
+DEFAULT_SWEEP_INTERVAL = 60.0
+
+Scope = Literal["session", "user", "global"]
+EndReason = Literal["terminated", "expired", "closed"]
+
+# Keys under which the shared scopes a piece of user code needs are remembered.
+_START = "hook:start"
+_END = "hook:end"
+#: Attempts of a call whose shared (user/global) buckets another process wrote first.
+_ATTEMPTS = 8
+_CLOSE_REGISTERED = "concierge.close_registered"
 
 _SESSION_ARG_SCHEMA = {
     "type": "string",
@@ -103,6 +133,14 @@ class Concierge(MCPServer[Any]):
             else 24 hours.
         max_value_bytes: the largest JSON encoding `set_state` accepts.
         clock: returns the time in epoch seconds (inject one in tests).
+        initial_state: what a new session starts with: a dict, or a callable
+            (sync or async) returning one; applied once, before the session's
+            first tool runs.
+        sweep_interval: seconds between background sweeps that delete expired
+            sessions (and run `on_session_end(..., "expired")`); `None` turns
+            the sweep off (`await app.sweep_expired()` still works).
+        keep_closed_sessions: whether a session whose legacy connection closed
+            keeps its stored state (default) or is deleted after its end hooks.
     """
 
     def __init__(
@@ -114,9 +152,18 @@ class Concierge(MCPServer[Any]):
         session_ttl: float | timedelta | None | type[Ellipsis] = ...,  # type: ignore[valid-type]
         max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
         clock: Callable[[], float] | None = None,
+        initial_state: Mapping[str, Any] | Callable[[], Any] | None = None,
+        sweep_interval: float | None = DEFAULT_SWEEP_INTERVAL,
+        keep_closed_sessions: bool = True,
         lifespan: Callable[[Any], AbstractAsyncContextManager[Any]] | None = None,
         **kwargs: Any,
     ) -> None:
+        if initial_state is not None and not (isinstance(initial_state, Mapping) or callable(initial_state)):
+            raise ConfigurationError(
+                f"initial_state must be a dict or a callable returning one, not {type(initial_state).__name__}"
+            )
+        if sweep_interval is not None and sweep_interval <= 0:
+            raise ConfigurationError(f"sweep_interval must be positive (or None for no sweep), got {sweep_interval!r}")
         if state is not None and state_url is not None:
             raise ConfigurationError("pass either state= or state_url=, not both")
         backend = state if state is not None else backend_from_url(state_url or os.environ.get(ENV_STATE_URL))
@@ -131,36 +178,100 @@ class Concierge(MCPServer[Any]):
         self._graph = StageGraph({}, None)
         self._fn_names: dict[int, str] = {}
         self._stage_fns: list[tuple[str, Callable[..., Any]]] = []
+        self._initial_state = initial_state
+        self._sweep_interval = sweep_interval
+        self._keep_closed = keep_closed_sessions
+        self._start_hooks: list[Callable[..., Any]] = []
+        self._end_hooks: list[Callable[..., Any]] = []
+        self._scopes: dict[str, set[str]] = {}  # what each tool and hook kind is known to use
+        self._sweeping = False
         super().__init__(name, *args, lifespan=self._lifespan, **kwargs)
         self.middleware.append(self._middleware)
         self._add_builtin_tools()
 
     # -- public state API -------------------------------------------------------
-    def get_state(self, key: str, default: Any = None) -> Any:
-        """A fresh copy of the value stored under `key` in this session, or `default`.
+    def get_state(self, key: str, default: Any = None, *, scope: Scope = "session") -> Any:
+        """A fresh copy of the value stored under `key`, or `default`.
+
+        Args:
+            scope: `"session"` (this session), `"user"` (the authenticated caller,
+                across all their sessions) or `"global"` (shared by every caller).
 
         Raises:
-            NoSessionError: called outside a request, or the request has no session.
+            NoSessionError: called outside a request, or the request has no
+                session (or, for `"user"`, no identifiable caller).
             StateKeyError: `key` is not a non-empty string of at most 256 characters.
+            StateScopeError: `scope` is not one of the three.
         """
-        return current_unit("get_state").get(key, default)
+        return current_unit("get_state", scope).get(key, default)
 
-    def set_state(self, key: str, value: Any) -> None:
-        """Store `value` (JSON-serialisable, or a pydantic model) under `key` in this session.
+    def set_state(self, key: str, value: Any, *, scope: Scope = "session") -> None:
+        """Store `value` (JSON-serialisable, or a pydantic model) under `key`.
 
-        The write becomes durable when the tool returns; if the tool raises, it is dropped.
+        The write becomes durable when the tool returns; if the tool raises, it
+        is dropped - in every scope the call wrote to, together.
 
         Raises:
             StateTypeError: the value is not JSON-serialisable (a `TypeError` naming the key).
             StateValueError: the value is larger than `max_value_bytes` as JSON.
             StateKeyError: `key` is not a non-empty string of at most 256 characters.
+            StateScopeError: `scope` is not "session", "user" or "global".
             NoSessionError: called outside a request, or the request has no session.
         """
-        current_unit("set_state").set(key, value)
+        current_unit("set_state", scope).set(key, value)
 
-    def delete_state(self, key: str) -> None:
-        """Remove `key` from this session (no error if it is absent)."""
-        current_unit("delete_state").delete(key)
+    def delete_state(self, key: str, *, scope: Scope = "session") -> None:
+        """Remove `key` from `scope` (no error if it is absent)."""
+        current_unit("delete_state", scope).delete(key)
+
+    # -- lifecycle hooks -----------------------------------------------------------
+    def on_session_start(self, fn: _F) -> _F:
+        """Register `fn` (sync or async) to run when a session starts.
+
+        It runs inside the session's first unit of work, after `initial_state`
+        is applied and before the first tool, so it may `set_state` (in any
+        scope). It is called with the session's storage id if it takes an
+        argument. If it raises, the error is logged and its writes are dropped;
+        the call goes on.
+        """
+        self._start_hooks.append(fn)
+        self._learn(_START, _scopes_named_in(fn))
+        return fn
+
+    def on_session_end(self, fn: _F) -> _F:
+        """Register `fn` (sync or async) to run when a session ends, with the reason.
+
+        Reasons: `"terminated"` (the `terminate_session` tool), `"expired"`
+        (the sweep deleted it), `"closed"` (its legacy connection closed or
+        its HTTP session was deleted; the stored state is kept unless
+        `keep_closed_sessions=False`). `fn` takes `reason`, or `session_id`
+        and `reason` (by those names, or in that order). It reads the
+        session's last state with `get_state` and may write the `user` and
+        `global` scopes. If it raises, the error is logged and its writes
+        are dropped.
+        """
+        self._end_hooks.append(fn)
+        self._learn(_END, _scopes_named_in(fn))
+        return fn
+
+    async def sweep_expired(self) -> int:
+        """Delete every expired session now, running the end hooks for each; return how many.
+
+        The background sweep calls this every `sweep_interval` seconds; it
+        also works outside a running server (it opens the store for the call).
+        """
+        async with self._store.opened():
+            backend = self._store.backend
+            now = self._store.clock()
+            if not self._end_hooks:
+                return await backend.clear_expired(now=now)
+            swept = 0
+            while batch := await backend.take_expired(now=now, limit=100):
+                for record in batch:
+                    self._store.forget(record.session_id)
+                    await self._end_outside_request(record.session_id, "expired", record)
+                swept += len(batch)
+            return swept
 
     @property
     def state_backend(self) -> StateBackend:
@@ -206,6 +317,14 @@ class Concierge(MCPServer[Any]):
             )
         super().add_tool(fn, name, *args, **kwargs)
         self._fn_names[id(fn)] = name or fn.__name__
+        self._learn("tool:" + (name or fn.__name__), _scopes_named_in(fn))
+
+    def _learn(self, key: str, scopes: set[str]) -> None:
+        """Remember that the code under `key` uses these shared scopes: they are loaded before it runs."""
+        self._scopes.setdefault(key, set()).update(scopes)
+
+    def _scopes_of(self, key: str) -> set[str]:
+        return self._scopes.get(key, set())
 
     # -- lifespan -----------------------------------------------------------------
     @asynccontextmanager
@@ -216,12 +335,36 @@ class Concierge(MCPServer[Any]):
             if graph.stages_of(builtin):
                 raise ConfigurationError(f"{builtin!r} is a built-in tool and cannot be put in a stage")
         self._graph = graph
-        async with self._store.opened():
-            if self._user_lifespan is None:
-                yield {}
+        async with self._store.opened(), anyio.create_task_group() as tg:
+            sweeping = self._store.ttl is not None and self._sweep_interval is not None and not self._sweeping
+            if sweeping:  # one sweeper per process, however many lifespans are entered
+                self._sweeping = True
+                tg.start_soon(self._sweep_forever, self._sweep_interval)
+            try:
+                if self._user_lifespan is None:
+                    yield {}
+                else:
+                    async with self._user_lifespan(app) as value:
+                        yield value
+            finally:
+                stdio = sessions.process_session.get()
+                if stdio is not None:  # the stdio client is gone: its session's connection closed
+                    with anyio.move_on_after(10, shield=True):
+                        await self._close_session("stdio:" + stdio)
+                if sweeping:
+                    self._sweeping = False
+                tg.cancel_scope.cancel()
+
+    async def _sweep_forever(self, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            try:
+                swept = await self.sweep_expired()
+            except Exception:  # the store may be down; the next round tries again
+                logger.warning("concierge: sweeping expired sessions failed", exc_info=True)
             else:
-                async with self._user_lifespan(app) as value:
-                    yield value
+                if swept:
+                    logger.info("concierge: swept %d expired session(s)", swept)
 
     async def run_stdio_async(self) -> None:
         """Serve over stdio: one session for the life of the process."""
@@ -254,11 +397,16 @@ class Concierge(MCPServer[Any]):
                     + (f"allowed targets: {allowed}" if allowed else f"{here!r} is a terminal stage")
                 )
             unit.set_stage(target_stage)
-            return {"stage": target_stage, "tools": graph.tools_in(target_stage), "next": graph.targets(target_stage)}
+            return {
+                "stage": target_stage,
+                "tools": graph.tools_in(target_stage),
+                "next": graph.targets(target_stage),
+            }
 
-        def terminate_session() -> dict[str, Any]:
+        async def terminate_session() -> dict[str, Any]:
             """End this session's workflow: clear its state and return it to the first stage."""
             unit = current_unit(TERMINATE)
+            await self._run_end_hooks(unit, "terminated")
             unit.clear()
             return {"terminated": True, "stage": self._graph.start}
 
@@ -268,7 +416,7 @@ class Concierge(MCPServer[Any]):
     def _builtin_visible(self, name: str, via_handle: bool) -> bool:
         if name == START_SESSION:
             return via_handle
-        if name in (PROCEED, TERMINATE):
+        if name == PROCEED:
             return bool(self._graph)
         return True
 
@@ -313,6 +461,182 @@ class Concierge(MCPServer[Any]):
             "Call start_session (or call the tool without session_id) to start a new session."
         )
 
+    async def _missing_session(self, identity: Identity) -> UnknownSessionError:
+        """Why a handle found no session: it expired (and is not yet swept), or it is unknown."""
+        assert identity.session_id is not None
+        try:
+            record = await self._store.expired(identity.session_id)
+        except StateUnavailableError:
+            record = None
+        if record is not None and record.owner == identity.owner:
+            ttl = self._store.ttl or 0
+            return SessionExpiredError(
+                f"session_id {identity.supplied!r} has expired: it was idle for more than {_duration(ttl)} "
+                "and its state is gone. Call start_session (or call the tool without session_id) "
+                "to start a new session."
+            )
+        return UnknownSessionError(self._unknown_session(identity))
+
+    async def _in_unit(
+        self,
+        identity: Identity,
+        key: str,
+        run: Callable[[UnitOfWork], Awaitable[Any]],
+        *,
+        user: Callable[[UnitOfWork], str | None],
+        keep: Callable[[Any], bool] = lambda result: True,
+        load: Callable[[], Awaitable[UnitOfWork | None]] | None = None,
+    ) -> tuple[Any, UnitOfWork | None]:
+        """Run `run(unit)` in a unit of work on the identity's session, and commit it if `keep(result)`.
+
+        Takes the session's lock, loads it (or `load()`), locks and loads the
+        shared buckets the code under `key` is known to use, runs, commits. A
+        run that reached for a shared scope it had not loaded is re-run with
+        it (and `key` remembers it); one whose shared buckets another process
+        committed to first is re-run on fresh values. Returns `(None, None)`
+        when the session is unknown (`run` was not called).
+
+        Raises:
+            ConflictError: the session itself changed in another process, or
+                the shared buckets kept changing for `_ATTEMPTS` runs.
+            StateUnavailableError: the store could not be reached.
+        """
+        session_id = identity.session_id
+        assert session_id is not None
+        create = not identity.via_handle or identity.is_new
+        async with self._store.locked(session_id):
+            for attempt in range(_ATTEMPTS):
+                unit = await (load() if load is not None else self._store.load(session_id, create=create))
+                if unit is None or (identity.via_handle and not identity.is_new and unit.owner != identity.owner):
+                    return None, None
+                new = unit.version == 0 and not unit.detached
+                if new:
+                    unit.owner = identity.owner
+                    # A session that was started (hooks ran, a handle was handed out) must exist.
+                    unit.must_persist = (
+                        identity.via_handle or bool(self._start_hooks) or self._initial_state is not None
+                    )
+                scopes = self._scopes_of(key) | (self._scopes_of(_START) if new else set())
+                async with AsyncExitStack() as stack:
+                    await self._store.load_shared(unit, scopes, user(unit), sessions.NO_USER, stack)
+                    with SessionStore.bind(unit):
+                        if new:
+                            await self._begin_session(unit)
+                        result = await run(unit)
+                    if unit.missed:
+                        self._learn(
+                            key,
+                            unit.missed - (self._scopes_of(_START) if new else set()),
+                        )
+                        continue
+                    if not keep(result):
+                        return result, unit
+                    try:
+                        await self._store.commit(unit)
+                    except ConflictError:
+                        shared_written = any(b.dirty for b in unit.scopes.values())
+                        if not shared_written or attempt + 1 == _ATTEMPTS:
+                            raise
+                        await anyio.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 6)))
+                        continue
+                    return result, unit
+        raise ConflictError(f"gave up on session {session_id!r} after {_ATTEMPTS} attempts")
+
+    async def _begin_session(self, unit: UnitOfWork) -> None:
+        """Seed a new session with `initial_state`, then run the start hooks (inside its first unit)."""
+        seed = self._initial_state
+        if seed is not None:
+            values = seed() if callable(seed) else seed
+            if inspect.isawaitable(values):
+                values = await values
+            if not isinstance(values, Mapping):
+                raise ConfigurationError(f"initial_state returned {type(values).__name__}, not a dict")
+            for key, value in values.items():
+                unit.set(key, value)
+        missed = set(unit.missed)
+        for hook in self._start_hooks:
+            await self._call_hook(hook, unit, "start", session_id=unit.session_id)
+        self._learn(_START, unit.missed - missed)
+
+    async def _run_end_hooks(self, unit: UnitOfWork, reason: EndReason) -> None:
+        for hook in self._end_hooks:
+            await self._call_hook(hook, unit, "end", session_id=unit.session_id, reason=reason)
+
+    async def _call_hook(self, hook: Callable[..., Any], unit: UnitOfWork, kind: str, **given: Any) -> None:
+        """Call a lifecycle hook; if it raises, log it and drop whatever it wrote."""
+        saved = unit.checkpoint()
+        missed = set(unit.missed)
+        try:
+            result = hook(*_hook_args(hook, given))
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            UnitOfWork.rollback(saved)
+            if unit.missed != missed:
+                return  # it reached for a shared scope that was not loaded: the call is re-run with it
+            logger.exception(
+                "concierge: on_session_%s hook %s raised for session %r; its changes were dropped",
+                kind,
+                getattr(hook, "__qualname__", hook),
+                unit.session_id,
+            )
+
+    async def _end_outside_request(self, session_id: str, reason: EndReason, record: SessionRecord | None) -> None:
+        """Run the end hooks for a session that ended outside a tool call (expired, or its connection closed).
+
+        With `record` (an expired session already deleted), the hooks read its
+        last state and only their shared-scope writes are kept; otherwise the
+        session is loaded from the store, and its own writes are kept too.
+        """
+        identity = Identity(
+            session_id=session_id,
+            via_handle=False,
+            owner=record.owner if record else None,
+        )
+
+        async def load() -> UnitOfWork | None:
+            if record is not None:
+                return self._store.detached(record)
+            return await self._store.load(session_id, create=False)
+
+        async def run(unit: UnitOfWork) -> None:
+            await self._run_end_hooks(unit, reason)
+
+        try:
+            await self._in_unit(
+                identity,
+                _END,
+                run,
+                user=lambda unit: sessions.user_of_stored(session_id, unit.owner),
+                load=load,
+            )
+        except (ConflictError, StateUnavailableError):
+            logger.warning(
+                "concierge: could not save what the end hooks of session %r wrote",
+                session_id,
+                exc_info=True,
+            )
+
+    async def _close_session(self, session_id: str) -> None:
+        """A legacy connection (or the stdio client) went away: end its session with reason "closed"."""
+        try:
+            if self._end_hooks:
+                await self._end_outside_request(session_id, "closed", None)
+            if not self._keep_closed:
+                await self._store.delete(session_id)
+        except Exception:
+            logger.warning("concierge: ending closed session %r failed", session_id, exc_info=True)
+
+    def _watch_close(self, ctx: ServerRequestContext[Any, Any], session_id: str) -> None:
+        """Arrange for `_close_session` when the legacy connection that carries `session_id` closes."""
+        if not sessions.closes_with_connection(session_id) or (self._keep_closed and not self._end_hooks):
+            return
+        connection = connection_of(ctx)
+        if connection.state.get(_CLOSE_REGISTERED) == session_id:
+            return
+        connection.state[_CLOSE_REGISTERED] = session_id
+        connection.exit_stack.push_async_callback(self._close_session, session_id)
+
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         params = dict(ctx.params or {})
         name = params.get("name")
@@ -328,7 +652,7 @@ class Concierge(MCPServer[Any]):
         identity = sessions.resolve(ctx, supplied, start=True)
         if not isinstance(name, str):
             return await call_next(ctx)  # the SDK rejects the malformed call
-        if name in (START_SESSION, PROCEED, TERMINATE) and not self._builtin_visible(name, identity.via_handle):
+        if name in (START_SESSION, PROCEED) and not self._builtin_visible(name, identity.via_handle):
             reason = (
                 "this connection already has a session; start_session is only for transports without one"
                 if name == START_SESSION
@@ -337,35 +661,38 @@ class Concierge(MCPServer[Any]):
             return self._error(ctx, reason)
         if identity.session_id is None:
             return self._error(ctx, self._unknown_session(identity))
-        session_id = identity.session_id
+        self._watch_close(ctx, identity.session_id)
+        stage_before: list[str | None] = []
 
-        async with self._store.locked(session_id):
-            try:
-                unit = await self._store.load(session_id, create=not identity.via_handle or identity.is_new)
-            except StateUnavailableError as exc:
-                return self._error(ctx, str(exc))
-            if unit is None or (identity.via_handle and not identity.is_new and unit.owner != identity.owner):
-                return self._error(ctx, self._unknown_session(identity))
-            if unit.version == 0:
-                unit.owner = identity.owner
-                unit.must_persist = identity.via_handle
-            # A first call that fails creates nothing, so it hands out no handle.
-            unsaved = self._with_handle if not identity.is_new else lambda result, _: result
+        async def run(unit: UnitOfWork) -> Any:
+            stage_before[:] = [unit.stage]
             refusal = self._stage_refusal(unit, name)
             if refusal is not None:
-                return unsaved(self._error(ctx, refusal), identity)
-            stage_before = unit.stage
-            with SessionStore.bind(unit):
-                result = await call_next(ctx)
-            if not isinstance(result, dict) or result.get("isError"):
-                return unsaved(result, identity)
-            try:
-                await self._store.commit(unit)
-            except ConflictError as exc:
-                return unsaved(self._failed(result, f"conflict: {exc}; nothing was saved, retry"), identity)
-            except StateUnavailableError as exc:
-                return unsaved(self._failed(result, str(exc)), identity)
-        if unit.stage != stage_before and not identity.via_handle and self._filters_list(ctx):
+                return self._error(ctx, refusal)
+            return await call_next(ctx)
+
+        # A first call that fails creates nothing, so it hands out no handle.
+        unsaved = self._with_handle if not identity.is_new else lambda result, _: result
+        key = "tool:" + name
+        if name == TERMINATE:
+            self._learn(key, self._scopes_of(_END))
+        try:
+            result, unit = await self._in_unit(
+                identity,
+                key,
+                run,
+                user=lambda unit: sessions.user_of(ctx, identity.owner),
+                keep=lambda result: isinstance(result, dict) and not result.get("isError"),
+            )
+        except ConflictError as exc:
+            return unsaved(self._error(ctx, f"conflict: {exc}; nothing was saved, retry"), identity)
+        except StateUnavailableError as exc:
+            return unsaved(self._error(ctx, str(exc)), identity)
+        if unit is None:
+            return self._error(ctx, str(await self._missing_session(identity)))
+        if not isinstance(result, dict) or result.get("isError"):
+            return unsaved(result, identity)
+        if unit.stage != stage_before[0] and not identity.via_handle and self._filters_list(ctx):
             await self._notify_tools_changed(ctx)
         return self._with_handle(result, identity)
 
@@ -427,17 +754,19 @@ class Concierge(MCPServer[Any]):
                 f"_meta[{HANDLE_META_KEY!r}] of the request"
             )
             return await self._surfaced(self._store.unbound(reason), ctx, call_next)
-        async with self._store.locked(identity.session_id):
-            with _as_protocol_error():
-                unit = await self._store.load(identity.session_id, create=not identity.via_handle)
-            if unit is None or (identity.via_handle and unit.owner != identity.owner):
-                return await self._surfaced(self._store.unbound(self._unknown_session(identity)), ctx, call_next)
-            if unit.version == 0:
-                unit.owner = identity.owner
-            result = await self._surfaced(unit, ctx, call_next)
-            with _as_protocol_error():
-                await self._store.commit(unit)
-            return result
+        self._watch_close(ctx, identity.session_id)
+        key = f"{ctx.method}:{(ctx.params or {}).get('uri') or (ctx.params or {}).get('name')}"
+        with _as_protocol_error():
+            result, unit = await self._in_unit(
+                identity,
+                key,
+                lambda unit: self._surfaced(unit, ctx, call_next),
+                user=lambda unit: sessions.user_of(ctx, identity.owner),
+            )
+            if unit is None:
+                missing = await self._missing_session(identity)
+                return await self._surfaced(self._store.unbound(str(missing)), ctx, call_next)
+        return result
 
     @staticmethod
     async def _surfaced(unit: UnitOfWork, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
@@ -485,7 +814,10 @@ class Concierge(MCPServer[Any]):
                 targets = graph.targets(stage) if filtering else list(graph.stages)
                 schema = dict(tool.get("inputSchema") or {})
                 props = dict(schema.get("properties") or {})
-                props["target_stage"] = {**props.get("target_stage", {}), "enum": targets}
+                props["target_stage"] = {
+                    **props.get("target_stage", {}),
+                    "enum": targets,
+                }
                 schema["properties"] = props
                 tool["inputSchema"] = schema
             if via_handle and name != START_SESSION:
@@ -498,3 +830,63 @@ class Concierge(MCPServer[Any]):
         result["tools"] = tools
         return result
 
+
+def _duration(seconds: float) -> str:
+    """`90061` -> "1d 1h 1m 1s", for messages."""
+    parts, rest = [], int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size or (unit == "s" and not parts):
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return " ".join(parts)
+
+
+def _scopes_named_in(fn: Callable[..., Any]) -> set[str]:
+    """The shared scopes `fn`'s own code names next to a `scope` keyword, found in its bytecode.
+
+    A guess made ahead of the first call so that the buckets are loaded before
+    the code runs: what it misses (a helper function that takes the scope as a
+    parameter) is learned on the first call, which is then re-run.
+    """
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    found: set[str] = set()
+    stack = [code] if isinstance(code, types.CodeType) else []
+    while stack:
+        current = stack.pop()
+        constants = set()
+        for const in current.co_consts:
+            if isinstance(const, types.CodeType):
+                stack.append(const)
+            elif isinstance(const, str):
+                constants.add(const)
+            elif isinstance(const, tuple):
+                constants.update(c for c in const if isinstance(c, str))
+        if (
+            "scope" in constants
+            or "scope" in current.co_names
+            or any(i.argval == "scope" for i in dis.get_instructions(current) if i.opname == "KW_NAMES")
+        ):
+            found.update(s for s in SHARED_SCOPES if s in constants)
+    return found
+
+
+def _hook_args(hook: Callable[..., Any], given: dict[str, Any]) -> list[Any]:
+    """The arguments for a lifecycle hook: by parameter name where the names match, else in order.
+
+    End hooks are given `session_id` and `reason`: a hook with one parameter
+    gets the reason, one with two gets both. Start hooks get `session_id`.
+    """
+    try:
+        params = [
+            p
+            for p in inspect.signature(hook).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    if params and all(p.name in given for p in params):
+        return [given[p.name] for p in params]
+    order = list(given.values())
+    if len(params) == 1 and "reason" in given:
+        return [given["reason"]]
+    return order[: len(params)]

@@ -15,8 +15,10 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "NoSessionError",
+    "SessionExpiredError",
     "StageError",
     "StateKeyError",
+    "StateScopeError",
     "StateTypeError",
     "StateUnavailableError",
     "StateValueError",
@@ -40,12 +42,20 @@ class StateKeyError(ConciergeError, ValueError):
     """A state key is not a non-empty string within the length limit."""
 
 
+class StateScopeError(ConciergeError, ValueError):
+    """A state call named a scope other than "session", "user" or "global"."""
+
+
 class StateValueError(ConciergeError, ValueError):
     """A value's JSON encoding is larger than `max_value_bytes`."""
 
 
 class UnknownSessionError(ConciergeError, LookupError):
     """A session handle is unknown, expired or belongs to another caller."""
+
+
+class SessionExpiredError(UnknownSessionError):
+    """A session handle named a session that expired from inactivity."""
 
 
 class NoSessionError(ConciergeError, RuntimeError):

@@ -18,7 +18,9 @@ keyed by a transport id, and a transport id can never be supplied as a handle.
 from __future__ import annotations
 
 import contextvars
+import getpass
 import json
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -31,7 +33,14 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from concierge._sdk import connection_of
 
-__all__ = ["HANDLE_META_KEY", "HANDLE_PREFIX", "Identity", "new_handle", "principal", "resolve"]
+__all__ = [
+    "HANDLE_META_KEY",
+    "HANDLE_PREFIX",
+    "Identity",
+    "new_handle",
+    "principal",
+    "resolve",
+]
 
 HANDLE_META_KEY = "concierge/session_id"
 HANDLE_PREFIX = "h:"
@@ -55,6 +64,47 @@ def principal() -> str | None:
     if token is None:
         return None
     return json.dumps(list(principal_components(token)), separators=(",", ":"))
+
+
+NO_USER = (
+    "user state needs to know who the caller is, and this HTTP request carries no access token. "
+    "Protect the server with the SDK's auth (token_verifier= and auth=) so each caller has an identity, "
+    "or keep this state in scope='session'"
+)
+
+
+def user_of(ctx: ServerRequestContext[Any, Any], owner: str | None) -> str | None:
+    """Whose `user` state a request reaches: the authenticated principal; else, on a
+    connection local to this machine (stdio, in-process), the OS user running the
+    server; else (unauthenticated HTTP) nobody - see `NO_USER`.
+    """
+    if owner is not None:
+        return owner
+    if ctx.request is None:
+        return "os:" + _os_user()
+    return None
+
+
+def user_of_stored(session_id: str, owner: str | None) -> str | None:
+    """`user_of` for a session outside any request (its end hooks): its owner, or the
+    OS user for sessions of a local connection."""
+    if owner is not None:
+        return owner
+    if session_id.startswith(("stdio:", "conn:")):
+        return "os:" + _os_user()
+    return None
+
+
+def closes_with_connection(session_id: str) -> bool:
+    """Whether a session ends when its legacy connection closes (its id is the connection's)."""
+    return session_id.startswith(("http:", "sse:", "conn:"))
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (e.g. a bare container)
+        return str(os.getuid()) if hasattr(os, "getuid") else "local"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +179,20 @@ def resolve(ctx: ServerRequestContext[Any, Any], supplied: object, *, start: boo
         if not start:
             return Identity(session_id=None, via_handle=True, owner=owner)
         handle = new_handle()
-        return Identity(HANDLE_PREFIX + handle, via_handle=True, handle=handle, is_new=True, owner=owner)
+        return Identity(
+            HANDLE_PREFIX + handle,
+            via_handle=True,
+            handle=handle,
+            is_new=True,
+            owner=owner,
+        )
     if not isinstance(supplied, str) or not _HANDLE_SHAPE.fullmatch(supplied):
         shown = supplied[:64] if isinstance(supplied, str) else type(supplied).__name__
         return Identity(None, via_handle=True, owner=owner, supplied=shown, malformed=True)
-    return Identity(HANDLE_PREFIX + supplied, via_handle=True, handle=supplied, owner=owner, supplied=supplied)
+    return Identity(
+        HANDLE_PREFIX + supplied,
+        via_handle=True,
+        handle=supplied,
+        owner=owner,
+        supplied=supplied,
+    )

@@ -16,7 +16,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,27 +28,47 @@ from concierge.errors import (
     ConflictError,
     NoSessionError,
     StateKeyError,
+    StateScopeError,
     StateTypeError,
     StateValueError,
 )
-from concierge.state.base import UNCHANGED, Commit, StateBackend
+from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
 
-__all__ = ["MAX_KEY_LENGTH", "SessionStore", "UnitOfWork", "current_unit", "decode", "encode"]
+__all__ = [
+    "GLOBAL_BUCKET",
+    "MAX_KEY_LENGTH",
+    "SCOPES",
+    "SessionStore",
+    "UnitOfWork",
+    "current_unit",
+    "decode",
+    "encode",
+]
 
 logger = logging.getLogger("concierge")
 
 MAX_KEY_LENGTH = 256
 """Longest state key accepted, in characters."""
 
+SCOPES = ("session", "user", "global")
+"""Where a key lives: this session, the caller across sessions, or everyone."""
+
+SHARED_SCOPES = ("user", "global")
+"""The scopes many sessions write to; always locked and loaded in this order."""
+
+GLOBAL_BUCKET = "global"
+"""Storage id of the one bucket every caller shares. User buckets are `user:<principal>`."""
+
 _current: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar("concierge_unit", default=None)
 
 
-def current_unit(operation: str) -> UnitOfWork:
-    """The unit of work bound to this request.
+def current_unit(operation: str, scope: str = "session") -> UnitOfWork:
+    """The working copy of `scope` in the unit of work bound to this request.
 
     Raises:
         NoSessionError: called outside a request concierge serves, or in one
-            that carries no session.
+            that carries no session (or, for `user`, no identifiable caller).
+        StateScopeError: `scope` is not one of `SCOPES`.
     """
     unit = _current.get()
     if unit is None:
@@ -56,10 +76,10 @@ def current_unit(operation: str) -> UnitOfWork:
             f"{operation} was called outside a tool call, resource read or prompt served by Concierge; "
             "state belongs to a session, and only a request has one"
         )
-    if unit.session_id is None:
-        unit.error = NoSessionError(f"{operation}: {unit.no_session_reason}")
-        raise unit.error
-    return unit
+    with unit._recording():
+        if unit.session_id is None:
+            raise NoSessionError(f"{operation}: {unit.no_session_reason}")
+        return unit if scope == "session" else unit.bucket(operation, scope)
 
 
 def check_key(key: object) -> str:
@@ -83,9 +103,18 @@ def encode(key: str, value: Any, max_bytes: int | None = None) -> str:
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_reject)
+        text = json.dumps(
+            value,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+            default=_reject,
+        )
     except _NotJSON as exc:
-        hint = _HINTS.get(exc.type_name, "convert it to a JSON type (dict, list, str, int, float, bool, None)")
+        hint = _HINTS.get(
+            exc.type_name,
+            "convert it to a JSON type (dict, list, str, int, float, bool, None)",
+        )
         where = "value" if exc.value is value else "value contains an object that"
         raise StateTypeError(
             f"state key {key!r}: {where} of type {exc.type_name} is not JSON-serialisable; {hint}"
@@ -157,6 +186,52 @@ class UnitOfWork:
     error: Exception | None = None
     """The last concierge error raised to user code in this request, so the
     MCP glue can report its message where the SDK would hide it (prompts)."""
+    expiring: bool = True
+    """Whether the session's TTL applies (user and global buckets never expire)."""
+    scopes: dict[str, UnitOfWork] = field(default_factory=dict)
+    """The user and global buckets loaded for this request, by scope."""
+    scope_errors: dict[str, str] = field(default_factory=dict)
+    """Why a scope cannot be had in this request (e.g. `user` without a caller)."""
+    missed: set[str] = field(default_factory=set)
+    """Shared scopes user code asked for that were not loaded: the call is re-run with them."""
+    detached: bool = False
+    """The session is gone from the store (it expired); only its shared buckets are written."""
+
+    def bucket(self, operation: str, scope: str) -> UnitOfWork:
+        """The loaded working copy of a shared scope."""
+        found = self.scopes.get(scope)
+        if found is not None:
+            return found
+        if scope not in SHARED_SCOPES:
+            raise StateScopeError(f"{operation}: scope must be one of {', '.join(map(repr, SCOPES))}, not {scope!r}")
+        if scope in self.scope_errors:
+            raise NoSessionError(f"{operation}(scope={scope!r}): {self.scope_errors[scope]}")
+        self.missed.add(scope)
+        raise _ScopeNotLoaded(f"{operation}(scope={scope!r}): {scope} state was not loaded for this call")
+
+    def units(self) -> list[UnitOfWork]:
+        """The working copies a commit writes: this session's and the shared buckets', the session first."""
+        own = [self] if self.session_id is not None and not self.detached else []
+        return own + [self.scopes[s] for s in SHARED_SCOPES if s in self.scopes]
+
+    def checkpoint(
+        self,
+    ) -> list[tuple[UnitOfWork, dict[str, str | None], bool, str | None, bool]]:
+        """What every working copy holds now, for `rollback`."""
+        return [(u, dict(u.changes), u.cleared, u.stage, u.stage_changed) for u in self.units()]
+
+    @staticmethod
+    def rollback(
+        saved: list[tuple[UnitOfWork, dict[str, str | None], bool, str | None, bool]],
+    ) -> None:
+        """Drop every change made since `checkpoint` (a hook that raised leaves nothing behind)."""
+        for unit, changes, cleared, stage, stage_changed in saved:
+            unit.changes, unit.cleared, unit.stage, unit.stage_changed = (
+                changes,
+                cleared,
+                stage,
+                stage_changed,
+            )
 
     # -- the dict API ---------------------------------------------------------
     def raw(self, key: str) -> str | None:
@@ -223,6 +298,10 @@ class UnitOfWork:
             else:
                 values[key] = value
         return values
+
+
+class _ScopeNotLoaded(ConciergeError):
+    """A shared scope was used that this call did not load; the call is re-run with it."""
 
 
 class _Snapshots:
@@ -336,6 +415,21 @@ class SessionStore:
         """A unit for a request that has no session: state calls raise `reason`."""
         return UnitOfWork(session_id=None, no_session_reason=reason)
 
+    def detached(self, record: SessionRecord) -> UnitOfWork:
+        """A unit over a session that is already gone from the store (for end-of-session hooks).
+
+        Its own values can be read; changes to them are not written anywhere.
+        """
+        unit = UnitOfWork(session_id=record.session_id, base=record.values or {}, stage=record.stage)
+        unit.owner, unit.expires_at, unit.created_at = (
+            record.owner,
+            record.expires_at,
+            record.created_at,
+        )
+        unit.max_value_bytes = self.max_value_bytes
+        unit.detached = True
+        return unit
+
     async def load(self, session_id: str, *, create: bool) -> UnitOfWork | None:
         """Load a session into a fresh unit of work.
 
@@ -388,34 +482,81 @@ class SessionStore:
             _current.reset(token)
 
     async def commit(self, unit: UnitOfWork) -> None:
-        """Write the unit's changes in one backend call, if it has any.
+        """Write the changes of the unit and its shared buckets in one atomic backend call.
 
         Raises:
-            ConflictError: another process committed to the session first.
+            ConflictError: another process committed to one of them first.
             StateUnavailableError: the backend could not be reached.
         """
-        assert unit.session_id is not None
         now = self.clock()
-        if not unit.dirty:
+        dirty = [u for u in unit.units() if u.dirty]
+        if unit.session_id is not None and not unit.dirty:
             await self._renew(unit, now)
+        if not dirty:
             return
-        commit = Commit(
-            session_id=unit.session_id,
-            expected_version=unit.version,
-            changes=dict(unit.changes),
-            clear=unit.cleared,
-            stage=unit.stage if unit.stage_changed else UNCHANGED,
-            owner=unit.owner,
-            expires_at=self.expiry(now),
-        )
+        commits = [
+            Commit(
+                session_id=u.session_id,  # type: ignore[arg-type]
+                expected_version=u.version,
+                changes=dict(u.changes),
+                clear=u.cleared,
+                stage=u.stage if u.stage_changed else UNCHANGED,
+                owner=u.owner,
+                expires_at=self.expiry(now) if u.expiring else None,
+            )
+            for u in dirty
+        ]
         try:
-            version = await self.backend.commit(commit, now=now)
+            if len(commits) == 1:
+                versions = [await self.backend.commit(commits[0], now=now)]
+            else:
+                versions = await self.backend.commit_all(commits, now=now)
         except ConflictError:
-            self._snapshots.drop(unit.session_id)
+            for u in dirty:
+                self._snapshots.drop(u.session_id)  # type: ignore[arg-type]
             raise
-        # A creating commit stamps `now` as the new life's created_at.
-        created_at = now if unit.version == 0 else unit.created_at
-        self._snapshots.put(unit.session_id, version, created_at, unit.committed_values())
+        for u, version in zip(dirty, versions):
+            # A creating commit stamps `now` as the new life's created_at.
+            created_at = now if u.version == 0 else u.created_at
+            self._snapshots.put(u.session_id, version, created_at, u.committed_values())  # type: ignore[arg-type]
+
+    async def load_shared(
+        self,
+        unit: UnitOfWork,
+        scopes: set[str],
+        user: str | None,
+        user_error: str,
+        stack: AsyncExitStack,
+    ) -> None:
+        """Lock and load the shared buckets `scopes` into `unit`, in one fixed order.
+
+        Every request takes its session's lock first, then `user`, then
+        `global` (`SHARED_SCOPES`), so two requests never wait on each other in
+        a cycle. The locks are held until `stack` closes.
+        """
+        unit.scopes.clear()
+        unit.scope_errors.clear()
+        unit.missed.clear()
+        if user is None:
+            unit.scope_errors["user"] = user_error
+        for scope in SHARED_SCOPES:
+            if scope not in scopes or scope in unit.scope_errors:
+                continue
+            bucket_id = GLOBAL_BUCKET if scope == "global" else "user:" + user  # type: ignore[operator]
+            await stack.enter_async_context(self.locked(bucket_id))
+            bucket = await self.load(bucket_id, create=True)
+            assert bucket is not None
+            bucket.expiring = False
+            if bucket.version == 0:
+                bucket.owner = user if scope == "user" else None
+            unit.scopes[scope] = bucket
+
+    async def expired(self, session_id: str) -> SessionRecord | None:
+        """The session as stored if it exists but has expired (not yet swept), else `None`."""
+        record = await self.backend.load(session_id, now=float("-inf"))
+        if record is None or record.expires_at is None or record.expires_at > self.clock():
+            return None
+        return record
 
     async def _renew(self, unit: UnitOfWork, now: float) -> None:
         """Push back the expiry of a session a call only read, at most once a minute.
@@ -423,11 +564,15 @@ class SessionStore:
         Renewing on every read would turn every read into a write; a session
         idle for the full TTL still expires within a minute of it.
         """
-        if unit.version == 0 or self.ttl is None:
+        if unit.version == 0 or self.ttl is None or not unit.expiring or unit.detached:
             return
         if unit.expires_at is not None and unit.expires_at - now > self.ttl - min(60.0, self.ttl / 10):
             return
         await self.backend.touch(unit.session_id, expires_at=now + self.ttl, now=now)  # type: ignore[arg-type]
+
+    def forget(self, session_id: str) -> None:
+        """Drop what this process caches of a session (it was deleted behind the store's back)."""
+        self._snapshots.drop(session_id)
 
     async def delete(self, session_id: str) -> bool:
         """Delete a session outright."""

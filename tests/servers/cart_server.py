@@ -58,6 +58,15 @@ def view_cart() -> dict:
     return {"cart": app.get_state("cart", []), "pid": os.getpid()}
 
 
+@app.tool()
+def save_for_later(item: str) -> dict:
+    """Keep an item in the caller's user state (needs an authenticated caller over HTTP)."""
+    saved = app.get_state("saved", [], scope="user")
+    saved.append(item)
+    app.set_state("saved", saved, scope="user")
+    return {"saved": saved, "pid": os.getpid()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("transport", choices=["stdio", "sse", "streamable-http"])
