@@ -2,7 +2,8 @@
 
     python benchmarks/bench_state.py [--calls N] [--rounds R] [--backends memory,sqlite,postgres]
                                      [--postgres-url URL] [--sessions 1000,1000000] [--keys 1000]
-                                     [--skip throughput,sessions,keys]
+                                     [--skip throughput,sessions,keys] [--transports inprocess,http]
+                                     [--sqlite-synchronous normal|full]
 
 Three measurements, each through the SDK's in-process `mcp.client.Client(app)`:
 
@@ -10,6 +11,13 @@ Three measurements, each through the SDK's in-process `mcp.client.Client(app)`:
    `set_state`) on `Concierge`, against the same tool without state on a plain
    `MCPServer`, with the default (2026-07-28, session handles) client and with
    `mode="legacy"` (one session per connection). Ratio = stateful / stateless.
+   With `--transports ...,http` it is measured a second time over real
+   streamable HTTP on 127.0.0.1: each server (the plain `MCPServer` and
+   `Concierge` on the same backend) runs in its own subprocess under uvicorn,
+   and the SDK's streamable-HTTP client calls it on the default 2026-07-28 wire
+   (session handles). In-process, a stateless call is cheap (no network, no
+   HTTP), so each store round trip weighs heavily in the ratio; over HTTP the
+   ratio is closer to what a deployed server sees.
 2. sessions: per-call latency of that tool when the store holds 1k sessions vs
    1M (pre-populated beforehand: memory through the backend's `commit`,
    SQLite and Postgres with bulk SQL; one small key per session).
@@ -26,6 +34,8 @@ Postgres: `--postgres-url` (an admin URL; a scratch database is created and
 dropped on it), else a throwaway server is started the way the tests do it
 (`tests/conftest.py`, which needs the PostgreSQL server binaries); that server
 runs with fsync off, so its numbers are an upper bound for a durable server.
+SQLite runs with the backend's default `synchronous=normal` (no fsync per
+commit) unless `--sqlite-synchronous full` is given.
 """
 
 from __future__ import annotations
@@ -35,8 +45,11 @@ import asyncio
 import importlib.util
 import logging
 import os
+import signal
+import socket
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,15 +69,17 @@ from concierge.state import Commit, StateBackend
 REPO = Path(__file__).resolve().parent.parent
 HANDLE_KEY = "concierge/session_id"
 ALL_BACKENDS = ("memory", "sqlite", "postgres")
+ALL_TRANSPORTS = ("inprocess", "http")
 DAY = 86_400.0
+MODERN = "2026-07-28"
 
 logger = logging.getLogger("bench")
 
 
 # -- servers ------------------------------------------------------------------------
-def stateful_app(state: StateBackend | None = None, state_url: str | None = None) -> Concierge:
+def stateful_app(state: StateBackend | None = None, state_url: str | None = None, **options: Any) -> Concierge:
     """`Concierge` with the measured tool (`bump`) and a `fill` tool that writes many keys at once."""
-    app = Concierge("bench", state=state, state_url=state_url, session_ttl=DAY)
+    app = Concierge("bench", state=state, state_url=state_url, session_ttl=DAY, **options)
 
     @app.tool()
     def bump() -> dict:
@@ -91,9 +106,9 @@ def stateful_app(state: StateBackend | None = None, state_url: str | None = None
     return app
 
 
-def stateless_app() -> MCPServer:
+def stateless_app(**options: Any) -> MCPServer:
     """A plain `MCPServer` with the same tool, minus the state."""
-    app = MCPServer("bench-stateless")
+    app = MCPServer("bench-stateless", **options)
 
     @app.tool()
     def bump() -> dict:
@@ -155,18 +170,87 @@ async def interleave(series: list[Series], calls: int, rounds: int, warmup: int 
 
 
 @asynccontextmanager
-async def connected(app: MCPServer, mode: str) -> AsyncIterator[Client]:
+async def connected(app: MCPServer | str, mode: str) -> AsyncIterator[Client]:
+    """A client of `app`: in-process for a server object, streamable HTTP for a URL."""
     async with Client(app, mode=mode) as client:
         await client.list_tools()  # the 2026-07-28 client checks calls against its listing
         yield client
+
+
+# -- servers over streamable HTTP -------------------------------------------------------
+def serve(role: str, port: int) -> int:
+    """Run one benchmark server on 127.0.0.1:`port` until SIGTERM (the `--serve` mode of this script).
+
+    `stateful` takes its store from `CONCIERGE_STATE_URL`, as a deployed server
+    does; it is set by the parent, so no URL (nor password) is on a command line.
+    """
+    quiet = {"log_level": "WARNING"}  # no log line per request
+    app = stateless_app(**quiet) if role == "stateless" else stateful_app(**quiet)
+    app.run("streamable-http", host="127.0.0.1", port=port)
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def http_server(role: str, state_url: str | None, tmp: Path) -> AsyncIterator[str]:
+    """A `--serve role` subprocess on a free port; yields its streamable-HTTP URL, stops it on exit."""
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("CONCIERGE_STATE_URL", None)
+    if state_url is not None:
+        env["CONCIERGE_STATE_URL"] = state_url
+    log = tmp / f"server-{role}-{port}.log"
+    with log.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--serve",
+            role,
+            "--port",
+            str(port),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"{role} server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{role} server did not listen on port {port} within 30s") from None
+                await asyncio.sleep(0.05)
+            else:
+                writer.close()
+                await writer.wait_closed()
+                break
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 # -- stores ---------------------------------------------------------------------------
 class Stores:
     """Fresh, empty stores per backend, and the bulk pre-population of sessions."""
 
-    def __init__(self, postgres_url: str | None) -> None:
+    def __init__(self, postgres_url: str | None, sqlite_synchronous: str = "normal") -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="concierge-bench-"))
+        self.sqlite_synchronous = sqlite_synchronous
         self._postgres_admin = postgres_url
         self._postgres_server: Any = None
         self._databases: list[str] = []
@@ -179,7 +263,7 @@ class Stores:
         if kind == "postgres" and self._postgres_admin is None:
             try:
                 self._postgres_admin = self._start_postgres()
-            except Exception as exc:  # no binaries, or the server would not start
+            except Exception as exc:  # noqa: BLE001 - no binaries, or the server would not start
                 return f"no --postgres-url and no throwaway server ({exc})"
         return None
 
@@ -201,7 +285,8 @@ class Stores:
 
             return MemoryBackend(), None
         if kind == "sqlite":
-            return None, f"sqlite:///{self.tmp / (uuid.uuid4().hex + '.db')}"
+            query = "" if self.sqlite_synchronous == "normal" else f"?synchronous={self.sqlite_synchronous}"
+            return None, f"sqlite:///{self.tmp / (uuid.uuid4().hex + '.db')}{query}"
         import asyncpg
 
         assert self._postgres_admin is not None
@@ -226,7 +311,7 @@ class Stores:
         await backend.open()  # applies the schema
         await backend.close()
         if kind == "sqlite":
-            path = url.removeprefix("sqlite:///") if url else ""
+            path = url.removeprefix("sqlite:///").partition("?")[0] if url else ""
             await asyncio.to_thread(_sqlite_bulk, path, sessions, now)
             return
         import asyncpg
@@ -238,7 +323,9 @@ class Stores:
                     "INSERT INTO concierge_sessions (id, version, stage, owner, created_at, updated_at, expires_at)"
                     " SELECT 'bench:' || g, 1, NULL, NULL, $1::float8, $1::float8, $2::float8"
                     " FROM generate_series(1, $3::int) g",
-                    now, now + DAY, sessions,
+                    now,
+                    now + DAY,
+                    sessions,
                 )
                 await conn.execute(
                     "INSERT INTO concierge_values (session_id, key, value)"
@@ -299,16 +386,45 @@ async def throughput(stores: Stores, kind: str, calls: int, rounds: int) -> list
             base = Series("stateless", plain, "bump")
             measured = Series("stateful", stateful, "bump")
             await interleave([base, measured], calls, rounds)
-        rows.append(
-            [kind, client_name, f"{base.per_second:,.0f}", f"{measured.per_second:,.0f}",
-             f"{measured.per_second / base.per_second:.2f}", f"{base.median_us / measured.median_us:.2f}"]
-        )
+        rows.append(ratio_row(kind, client_name, base, measured))
     return rows
 
 
-async def sessions_scale(
-    stores: Stores, kind: str, counts: list[int], calls: int, rounds: int
-) -> list[list[str]]:
+THROUGHPUT_HEADER = ["backend", "client", "stateless calls/s", "stateful calls/s", "ratio", "ratio (medians)"]
+
+
+def ratio_row(kind: str, client_name: str, base: Series, measured: Series) -> list[str]:
+    """One row under `THROUGHPUT_HEADER`."""
+    return [
+        kind,
+        client_name,
+        f"{base.per_second:,.0f}",
+        f"{measured.per_second:,.0f}",
+        f"{measured.per_second / base.per_second:.2f}",
+        f"{base.median_us / measured.median_us:.2f}",
+    ]
+
+
+async def http_throughput(stores: Stores, kind: str, calls: int, rounds: int) -> list[list[str]]:
+    """The throughput rows again, over streamable HTTP: each server in its own process, 2026-07-28 client."""
+    _, url = await stores.fresh(kind)
+    async with AsyncExitStack() as stack:
+        plain_url = await stack.enter_async_context(http_server("stateless", None, stores.tmp))
+        stateful_url = await stack.enter_async_context(http_server("stateful", url or "memory://", stores.tmp))
+        plain = await stack.enter_async_context(connected(plain_url, "auto"))
+        stateful = await stack.enter_async_context(connected(stateful_url, "auto"))
+        for client in (plain, stateful):
+            if client.protocol_version != MODERN:
+                raise RuntimeError(f"the HTTP client negotiated {client.protocol_version}, not {MODERN}")
+        base = Series("stateless", plain, "bump")
+        measured = Series("stateful", stateful, "bump")
+        await interleave([base, measured], calls, rounds)
+    if "session_id" not in measured.arguments:
+        raise RuntimeError("the stateful HTTP server handed out no session handle")
+    return [ratio_row(kind, f"{MODERN} (handles)", base, measured)]
+
+
+async def sessions_scale(stores: Stores, kind: str, counts: list[int], calls: int, rounds: int) -> list[list[str]]:
     series = []
     async with AsyncExitStack() as stack:
         for count in counts:
@@ -366,13 +482,15 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(c.rjust(w) if i >= 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-            for r in rows]
+    body = [
+        "| " + " | ".join(c.rjust(w) if i >= 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+        for r in rows
+    ]
     return "\n".join([f"\n{title}\n", line, rule, *body])
 
 
 async def run(args: argparse.Namespace) -> int:
-    stores = Stores(args.postgres_url)
+    stores = Stores(args.postgres_url, args.sqlite_synchronous)
     kinds = []
     for kind in args.backends:
         reason = stores.available(kind)
@@ -383,44 +501,68 @@ async def run(args: argparse.Namespace) -> int:
     outputs = []
     disk_before = fsync_median_us(stores.tmp)
     try:
-        if "throughput" not in args.skip:
+        if "throughput" not in args.skip and "inprocess" in args.transports:
             rows = []
             for kind in kinds:
                 print(f"throughput: {kind} ...", file=sys.stderr)
                 rows += await throughput(stores, kind, args.calls, args.rounds)
-            outputs.append(table(
-                f"Throughput: get_state + set_state of a counter vs the same tool on a plain MCPServer "
-                f"({args.calls} calls per series, {args.rounds} interleaved rounds, in-process client)",
-                ["backend", "client", "stateless calls/s", "stateful calls/s", "ratio", "ratio (medians)"],
-                rows,
-            ))
+            outputs.append(
+                table(
+                    f"Throughput: get_state + set_state of a counter vs the same tool on a plain MCPServer "
+                    f"({args.calls} calls per series, {args.rounds} interleaved rounds, in-process client)",
+                    THROUGHPUT_HEADER,
+                    rows,
+                )
+            )
+        if "throughput" not in args.skip and "http" in args.transports:
+            rows = []
+            for kind in kinds:
+                print(f"throughput over HTTP: {kind} ...", file=sys.stderr)
+                rows += await http_throughput(stores, kind, args.calls, args.rounds)
+            outputs.append(
+                table(
+                    f"Throughput over streamable HTTP on 127.0.0.1: the same tools, each server in its own process "
+                    f"under uvicorn ({args.calls} calls per series, {args.rounds} interleaved rounds)",
+                    THROUGHPUT_HEADER,
+                    rows,
+                )
+            )
         if "sessions" not in args.skip:
             rows = []
             for kind in kinds:
                 print(f"sessions: {kind} ...", file=sys.stderr)
                 rows += await sessions_scale(stores, kind, args.sessions, args.calls, args.rounds)
-            outputs.append(table(
-                "Per-call latency vs sessions stored (2026-07-28 client, the call's own session among them)",
-                ["backend", "sessions stored", "median µs", "p99 µs", f"median / {args.sessions[0]:,}"],
-                rows,
-            ))
+            outputs.append(
+                table(
+                    "Per-call latency vs sessions stored (2026-07-28 client, the call's own session among them)",
+                    ["backend", "sessions stored", "median µs", "p99 µs", f"median / {args.sessions[0]:,}"],
+                    rows,
+                )
+            )
         if "keys" not in args.skip:
             rows = []
             for kind in kinds:
                 print(f"keys: {kind} ...", file=sys.stderr)
                 rows += await keys_scale(stores, kind, args.keys, args.calls, args.rounds)
-            outputs.append(table(
-                "Per-call latency touching one key vs keys in the session (2026-07-28 client)",
-                ["backend", "keys in session", "median µs", "p99 µs", "median / 1 key"],
-                rows,
-            ))
+            outputs.append(
+                table(
+                    "Per-call latency touching one key vs keys in the session (2026-07-28 client)",
+                    ["backend", "keys in session", "median µs", "p99 µs", "median / 1 key"],
+                    rows,
+                )
+            )
         disk_after = fsync_median_us(stores.tmp)
     finally:
         await stores.close()
     print("\n".join(outputs))
+    waits = (
+        "every SQLite commit waits for one (synchronous=full), so its rows move with this number"
+        if args.sqlite_synchronous == "full"
+        else "SQLite commits do not wait for one (synchronous=normal); only its WAL checkpoints do"
+    )
     print(
         f"\nDisk: a small write + fsync took {disk_before:,.0f} µs (median) before the run and {disk_after:,.0f} µs "
-        "after; every SQLite commit waits for one (synchronous=FULL), so its rows move with this number."
+        f"after; {waits}."
     )
     print(f"\nPython {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M')}")
     return 0
@@ -439,11 +581,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keys", type=int, default=1000, help="keys in the big session (default 1000)")
     parser.add_argument("--skip", default="", help="comma-separated measurements to skip: throughput,sessions,keys")
+    parser.add_argument(
+        "--transports",
+        default="inprocess",
+        help="comma-separated transports for the throughput measurement: inprocess (default), http "
+        "(servers in subprocesses on 127.0.0.1, 2026-07-28 client)",
+    )
+    parser.add_argument(
+        "--sqlite-synchronous",
+        choices=("normal", "full"),
+        default="normal",
+        help="the SQLite backend's synchronous setting (default normal: no fsync per commit)",
+    )
+    parser.add_argument("--serve", choices=("stateless", "stateful"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        return serve(args.serve, args.port)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = set(args.backends) - set(ALL_BACKENDS)
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(ALL_BACKENDS)}")
+    args.transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    unknown = set(args.transports) - set(ALL_TRANSPORTS)
+    if unknown or not args.transports:
+        parser.error(f"unknown transports {sorted(unknown)}; choose from {', '.join(ALL_TRANSPORTS)}")
     args.sessions = [int(n) for n in args.sessions.split(",")]
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

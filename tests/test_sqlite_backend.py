@@ -1,16 +1,16 @@
-"""SQLite-only behaviour: URL forms, file errors, several processes on one file, write economy."""
+"""SQLite-only behaviour: URL forms, durability setting, file errors, several processes on one file, write economy."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sqlite3
-import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import anyio
@@ -52,11 +52,94 @@ def test_sqlite_url_with_four_slashes_is_absolute(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["sqlite://", "sqlite:///", "sqlite:relative.db", "sqlite://host/state.db", "sqlite:///dir/", "sqlite:///x.db?mode=ro"],
+    [
+        "sqlite://",
+        "sqlite:///",
+        "sqlite:relative.db",
+        "sqlite://host/state.db",
+        "sqlite:///dir/",
+        "sqlite:///x.db?mode=ro",
+        "sqlite:///x.db#top",
+        "sqlite:///?synchronous=full",
+    ],
 )
 def test_sqlite_malformed_url_is_a_configuration_error_naming_the_forms(url: str) -> None:
     with pytest.raises(ConfigurationError, match=r"sqlite:///relative/path\.db .* sqlite:////absolute/path\.db"):
         backend_from_url(url)
+
+
+# -- durability: synchronous ----------------------------------------------------------
+
+
+def test_sqlite_synchronous_defaults_to_normal(tmp_path: Path) -> None:
+    assert SQLiteBackend(tmp_path / "state.db").synchronous == "normal"
+    b = backend_from_url(f"sqlite:///{tmp_path}/state.db")
+    assert isinstance(b, SQLiteBackend) and b.synchronous == "normal"
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("synchronous=full", "full"), ("synchronous=normal", "normal"), ("synchronous=FULL", "full")],
+)
+def test_sqlite_url_sets_synchronous(tmp_path: Path, query: str, expected: str) -> None:
+    b = backend_from_url(f"sqlite:///{tmp_path}/state.db?{query}")
+    assert isinstance(b, SQLiteBackend)
+    assert (b.synchronous, b.path) == (expected, tmp_path / "state.db")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "synchronous=off",
+        "synchronous=extra",
+        "synchronous=",
+        "synchronous",
+        "synchronous=full&synchronous=normal",
+        "synchronous=full&mode=ro",
+        "Synchronous=full",
+        "journal_mode=delete",
+    ],
+)
+def test_sqlite_url_with_any_other_query_is_a_configuration_error(tmp_path: Path, query: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"synchronous=normal .* synchronous=full") as caught:
+        backend_from_url(f"sqlite:///{tmp_path}/state.db?{query}")
+    assert "sqlite:////absolute/path.db" in str(caught.value)
+
+
+def test_sqlite_synchronous_argument_is_checked(tmp_path: Path) -> None:
+    assert SQLiteBackend(tmp_path / "state.db", synchronous="full").synchronous == "full"
+    with pytest.raises(ConfigurationError, match=r"synchronous='off'.*'normal' or 'full'"):
+        SQLiteBackend(tmp_path / "state.db", synchronous="off")  # type: ignore[arg-type]
+
+
+async def _synchronous_in_effect(b: SQLiteBackend) -> int:
+    async with b._transaction(write=False) as tx:
+        (level,) = (await tx.fetch("PRAGMA synchronous"))[0]
+    return level
+
+
+@pytest.mark.parametrize(("setting", "pragma"), [("normal", 1), ("full", 2)])
+async def test_sqlite_synchronous_is_in_effect_on_the_connection(tmp_path: Path, setting: str, pragma: int) -> None:
+    async with SQLiteBackend(tmp_path / "kwarg.db", synchronous=setting) as b:  # type: ignore[arg-type]
+        assert await _synchronous_in_effect(b) == pragma
+    from_url = backend_from_url(f"sqlite:///{tmp_path}/url.db?synchronous={setting}")
+    assert isinstance(from_url, SQLiteBackend)
+    async with from_url as b:
+        assert await _synchronous_in_effect(b) == pragma
+        await b.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+        assert await _synchronous_in_effect(b) == pragma  # still so after a write transaction
+
+
+async def test_sqlite_without_wal_every_commit_is_flushed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # NORMAL is crash-safe only with WAL: on a file that stays in rollback-journal mode, FULL is used.
+    async def no_wal(self: SQLiteBackend, conn: aiosqlite.Connection) -> Any:
+        return ("delete",)
+
+    monkeypatch.setattr(SQLiteBackend, "_enable_wal", no_wal)
+    async with SQLiteBackend(tmp_path / "state.db") as b:
+        assert await _synchronous_in_effect(b) == 2
+        await b.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+        assert (await b.load("s1", now=NOW)).values == {"a": "1"}  # type: ignore[union-attr]
 
 
 # -- file errors ----------------------------------------------------------------------
@@ -111,11 +194,11 @@ async def test_sqlite_read_only_file_is_a_clear_error_at_open(tmp_path: Path) ->
         asyncio.run(main())
         """
     )
-    done = subprocess.run(
-        [*_python_without_root_powers(), "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 0, done.stderr
-    assert str(path) in done.stdout and "read-only" in done.stdout, done.stdout
+    with anyio.fail_after(30):
+        done = await anyio.run_process([*_python_without_root_powers(), "-c", probe], cwd=REPO, check=False)
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert str(path) in stdout and "read-only" in stdout, stdout
 
 
 # -- several processes ------------------------------------------------------------------
@@ -134,6 +217,106 @@ async def test_sqlite_commit_of_one_key_writes_one_value_row_in_a_large_session(
     record = await backend.load("big", now=NOW)
     assert record is not None and record.values is not None and len(record.values) == 1000
     assert record.values["k5"] == "55"
+
+
+class _ThreadCalls:
+    """Counts the awaited calls a backend makes on its aiosqlite connection: one trip to its thread each."""
+
+    METHODS = ("execute", "execute_fetchall", "executemany", "executescript", "commit", "rollback", "cursor")
+
+    def __init__(self, conn: aiosqlite.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        for name in self.METHODS:
+            monkeypatch.setattr(conn, name, self._counting(name, getattr(conn, name)))
+
+    def _counting(self, name: str, method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return method(*args, **kwargs)
+
+        return call
+
+    def take(self) -> list[str]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+async def test_sqlite_load_is_one_call_and_a_one_key_commit_three(
+    backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await backend.commit(Commit("s1", 0, {"count": "0"}), now=NOW)
+    conn = backend._conn
+    assert conn is not None
+    counted = _ThreadCalls(conn, monkeypatch)
+    record = await backend.load("s1", now=NOW, known_version=1)
+    assert record is not None and record.values is None
+    assert counted.take() == ["execute_fetchall"]
+    assert await backend.commit(Commit("s1", 1, {"count": "1"}), now=NOW) == 2
+    # the version bump (with the BEGIN IMMEDIATE sqlite3 sends before it), the value, COMMIT
+    assert counted.take() == ["execute", "execute", "execute"]
+    assert await backend.commit(Commit("s1", 2, {"a": "1", "b": "2"}), now=NOW) == 3
+    assert counted.take() == ["execute", "executemany", "execute"]
+    assert await backend.touch("s1", expires_at=None, now=NOW)
+    assert counted.take() == ["execute", "execute"]
+
+
+def _transactions(statements: list[str]) -> list[list[str]]:
+    """Trace lines grouped by transaction; fails on a statement run outside one."""
+    groups: list[list[str]] = []
+    current: list[str] | None = None
+    for statement in statements:
+        word = statement.split()[0].upper()
+        if word == "BEGIN":
+            assert current is None and statement == "BEGIN IMMEDIATE", statements
+            current = []
+        elif word in ("COMMIT", "ROLLBACK"):
+            assert current is not None, statements
+            groups.append([*current, word])
+            current = None
+        else:
+            assert current is not None, f"{statement!r} ran outside a transaction: {statements}"
+            current.append(word)
+    assert current is None, statements
+    return groups
+
+
+async def test_sqlite_every_write_runs_inside_one_begin_immediate_transaction(backend: SQLiteBackend) -> None:
+    conn = backend._conn
+    assert conn is not None
+    statements: list[str] = []
+    await conn.set_trace_callback(statements.append)
+    await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+    await backend.commit(Commit("s1", 1, {"a": "2", "b": None}), now=NOW)
+    await backend.commit_all([Commit("s1", 2, {"a": "3"}), Commit("s2", 0, {"a": "1"})], now=NOW)
+    await backend.touch("s1", expires_at=NOW + 1, now=NOW)
+    assert [s.expires_at for s in await backend.take_expired(now=NOW + 1, limit=10)] == [NOW + 1]
+    async with backend._transaction(write=True) as tx:  # a first statement sqlite3 would not open one for
+        await tx.fetch("SELECT count(*) FROM concierge_sessions")
+    await conn.set_trace_callback(None)
+    groups = _transactions(statements)
+    assert len(groups) == 6, groups
+    assert groups[1] == ["UPDATE", "DELETE", "INSERT", "COMMIT"]
+    assert groups[4][0] == "SELECT"
+    assert groups[5] == ["SELECT", "COMMIT"]
+
+
+@pytest.mark.parametrize("bad", [{"c": object()}, {"b": "2", "c": object()}], ids=["one row", "two rows"])
+async def test_sqlite_failed_write_is_rolled_back_and_the_connection_stays_usable(
+    backend: SQLiteBackend, bad: dict[str, object]
+) -> None:
+    await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+    conn = backend._conn
+    assert conn is not None
+    statements: list[str] = []
+    await conn.set_trace_callback(statements.append)
+    with pytest.raises(sqlite3.Error):
+        await backend.commit(Commit("s1", 1, bad), now=NOW)  # type: ignore[arg-type]
+    await conn.set_trace_callback(None)
+    assert _transactions(statements)[-1][-1] == "ROLLBACK"
+    assert not conn.in_transaction
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and (record.version, record.values) == (1, {"a": "1"})
+    assert await backend.commit(Commit("s1", 1, {"b": "2"}), now=NOW) == 2
 
 
 async def test_sqlite_load_with_current_known_version_runs_one_query_on_sessions_only(backend: SQLiteBackend) -> None:
@@ -158,8 +341,8 @@ async def test_sqlite_deleting_a_session_deletes_its_value_rows(backend: SQLiteB
     await backend.delete("s1")
     assert await backend.clear_expired(now=NOW + 1) == 1
     async with aiosqlite.connect(tmp_path / "state.db") as raw:
-        async with raw.execute("SELECT session_id, count(*) FROM concierge_values GROUP BY session_id") as cur:
-            assert await cur.fetchall() == [("s2", 1)]
+        rows = await raw.execute_fetchall("SELECT session_id, count(*) FROM concierge_values GROUP BY session_id")
+    assert list(rows) == [("s2", 1)]
 
 
 async def test_sqlite_rolled_back_commit_leaves_no_trace(backend: SQLiteBackend) -> None:
@@ -186,10 +369,11 @@ async def test_sqlite_busy_file_is_reported_as_unavailable(tmp_path: Path) -> No
             assert time.monotonic() - started < 5
             record = await b.load("s1", now=NOW)  # WAL: readers are not blocked by the writer
             assert record is not None and record.values == {"a": "1"}
+            await blocker.rollback()
+            assert await b.commit(Commit("s1", 1, {"a": "2"}), now=NOW) == 2  # nothing left half-open
     finally:
-        await blocker.execute("ROLLBACK")
+        await blocker.rollback()
         await blocker.close()
-
 
 
 async def test_sqlite_connections_switching_a_new_file_to_wal_at_once_all_open(tmp_path: Path) -> None:
@@ -201,7 +385,7 @@ async def test_sqlite_connections_switching_a_new_file_to_wal_at_once_all_open(t
     async def connect(backend: SQLiteBackend) -> None:
         try:
             await backend._connect()
-        except Exception as exc:  # collected, so every failure is reported at once
+        except Exception as exc:  # noqa: BLE001 - collected, so every failure is reported at once
             failures.append(exc)
         finally:
             await backend._disconnect()

@@ -5,6 +5,19 @@ WAL mode so readers in other processes never block on a writer. Every write
 is a `BEGIN IMMEDIATE` transaction: it takes the file's write lock up front
 (waiting up to `busy_timeout` for another process), so two writers never
 deadlock upgrading a read lock, and migrations run one process at a time.
+
+Durability: by default the connection runs with `synchronous = NORMAL`, so a
+commit does not wait for an fsync; an acknowledged commit survives the server
+process crashing or being killed (it is in the WAL, in the OS page cache), but
+the last commits before a power loss or OS crash may be lost (the file stays
+consistent). `synchronous="full"` (or `?synchronous=full` in the URL) fsyncs
+every commit and makes it survive power loss too, at about one disk flush per
+call.
+
+Each awaited aiosqlite call is one round trip to the connection's thread, the
+main cost of a transaction, so statements are sent as few calls as possible:
+a read is one call, and a write transaction's `BEGIN IMMEDIATE` travels with
+its first statement (see `_SQLiteTx`).
 """
 
 from __future__ import annotations
@@ -18,8 +31,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiosqlite
 import anyio
@@ -36,28 +49,73 @@ logger = logging.getLogger("concierge")
 # FULL, CANTOPEN, PERM, NOTADB.
 _UNAVAILABLE_CODES = {5, 6, 8, 10, 11, 13, 14, 3, 26}
 _FORMS = "sqlite:///relative/path.db (relative to the working directory) or sqlite:////absolute/path.db"
+_SYNCHRONOUS = ("normal", "full")
+_OPTIONS = "the only query parameter is synchronous=normal (the default) or synchronous=full"
+
+Synchronous = Literal["normal", "full"]
+
+# The statements before which Python's sqlite3 module opens the transaction
+# itself (with the connection's isolation level), within the same call. This
+# test is stricter than the module's own (recent Pythons also skip leading
+# comments there), so a statement it matches always opens one.
+_OPENS_TRANSACTION = re.compile(r"[ \t\r\n]*(?:insert|update|delete|replace)", re.IGNORECASE)
 
 
-@lru_cache(maxsize=64)
-def _q(sql: str) -> str:
-    """The shared `$n` placeholders as SQLite's numbered `?n`."""
-    return re.sub(r"\$(\d+)", r"?\1", sql)
+@lru_cache(maxsize=128)
+def _prepare(sql: str) -> tuple[str, bool]:
+    """The shared `$n` placeholders as SQLite's numbered `?n`, and whether the statement opens a transaction."""
+    return re.sub(r"\$(\d+)", r"?\1", sql), _OPENS_TRANSACTION.match(sql) is not None
 
 
 class _SQLiteTx:
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    """The statements of one `_begin`, each one awaited aiosqlite call.
+
+    The connection's isolation level is IMMEDIATE, so the sqlite3 module sends
+    `BEGIN IMMEDIATE` itself, in the same call, before the first INSERT,
+    UPDATE, DELETE or REPLACE. A write transaction whose first statement is
+    anything else (a migration's CREATE, a SELECT) sends `BEGIN IMMEDIATE`
+    first. A read that runs only SELECTs never opens a transaction: each one
+    is its own snapshot.
+    """
+
+    __slots__ = ("_conn", "_write", "began")
+
+    def __init__(self, conn: aiosqlite.Connection, *, write: bool) -> None:
         self._conn = conn
+        self._write = write
+        #: A transaction may be open: it must end with COMMIT or ROLLBACK.
+        self.began = False
+
+    async def _start(self, opens: bool) -> None:
+        self.began = True  # before the await: a cancelled call may still open it
+        if not opens:
+            await self._conn.execute("BEGIN IMMEDIATE")
 
     async def fetch(self, sql: str, *args: Any) -> Sequence[Sequence[Any]]:
-        async with self._conn.execute(_q(sql), args) as cursor:
-            return list(await cursor.fetchall())
+        text, opens = _prepare(sql)
+        if not self.began and (opens or self._write):
+            await self._start(opens)
+        return await self._conn.execute_fetchall(text, args)  # type: ignore[return-value]
 
     async def execute(self, sql: str, *args: Any) -> int:
-        async with self._conn.execute(_q(sql), args) as cursor:
-            return max(cursor.rowcount, 0)
+        text, opens = _prepare(sql)
+        if not self.began and (opens or self._write):
+            await self._start(opens)
+        # Not closed through the thread: a statement that returns no rows is
+        # reset and released by sqlite3 as soon as it has run.
+        cursor = await self._conn.execute(text, args)
+        return max(cursor.rowcount, 0)
 
     async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        await self._conn.executemany(_q(sql), rows)
+        if not rows:
+            return
+        text, opens = _prepare(sql)
+        if not self.began and (opens or self._write):
+            await self._start(opens)
+        if len(rows) == 1:
+            await self._conn.execute(text, rows[0])
+        else:
+            await self._conn.executemany(text, rows)
 
 
 class SQLiteBackend(SQLBackend):
@@ -67,23 +125,42 @@ class SQLiteBackend(SQLBackend):
         path: the database file; created on first use, its directory must exist.
         busy_timeout: seconds to wait for another process's write lock before
             giving up with `StateUnavailableError`.
+        synchronous: `"normal"` (default): a commit survives a crash or kill of
+            the process but not a power loss or OS crash; `"full"`: every commit
+            is flushed to disk before it is acknowledged (survives power loss,
+            costs one fsync per commit). Without WAL mode the backend always
+            uses `"full"`.
+
+    Raises:
+        ConfigurationError: `synchronous` is not `"normal"` or `"full"`.
     """
 
     scheme = "sqlite"
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: Synchronous = "normal",
+    ) -> None:
         super().__init__()
+        level = synchronous.lower() if isinstance(synchronous, str) else synchronous
+        if level not in _SYNCHRONOUS:
+            raise ConfigurationError(f"SQLite synchronous={synchronous!r} is not supported; use 'normal' or 'full'")
         self.path = Path(os.path.abspath(path))  # fixed now: a later chdir must not move the store
         self.busy_timeout = busy_timeout
+        self.synchronous: Synchronous = level
         self._conn: aiosqlite.Connection | None = None
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteBackend:
-        """The backend for `sqlite:///relative.db` or `sqlite:////abs/path.db`.
+        """The backend for `sqlite:///relative.db` or `sqlite:////abs/path.db`, optionally `?synchronous=full`.
 
         Raises:
-            ConfigurationError: the URL is not one of those two forms.
+            ConfigurationError: the URL is not one of those forms, or its query
+                is anything but `synchronous=normal` or `synchronous=full`.
         """
         try:
             parts = urlsplit(url)
@@ -93,12 +170,30 @@ class SQLiteBackend(SQLBackend):
             raise ConfigurationError(
                 f"SQLite state URL {url!r} is malformed (it must start with 'sqlite:///' and name no host); use {_FORMS}"
             )
-        if parts.query or parts.fragment:
-            raise ConfigurationError(f"SQLite state URL {url!r}: query and fragment are not supported; use {_FORMS}")
+        if parts.fragment or url.endswith("#"):
+            raise ConfigurationError(f"SQLite state URL {url!r}: a fragment is not supported; use {_FORMS}")
+        synchronous = cls._synchronous_from_query(url, parts.query)
         path = unquote(parts.path[1:])  # drop the '/' that ends the empty authority
         if not path or path.endswith("/"):
             raise ConfigurationError(f"SQLite state URL {url!r} names no database file; use {_FORMS}")
-        return cls(path)
+        return cls(path, synchronous=synchronous)
+
+    @staticmethod
+    def _synchronous_from_query(url: str, query: str) -> Synchronous:
+        if not query:
+            return "normal"
+        try:
+            items = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            items = []
+        if len(items) != 1 or items[0][0] != "synchronous":
+            raise ConfigurationError(f"SQLite state URL {url!r}: unsupported query {query!r}; {_OPTIONS}; use {_FORMS}")
+        value = items[0][1].lower()
+        if value not in _SYNCHRONOUS:
+            raise ConfigurationError(
+                f"SQLite state URL {url!r}: synchronous={items[0][1]!r} is not supported; {_OPTIONS}; use {_FORMS}"
+            )
+        return value  # type: ignore[return-value]
 
     def _where(self) -> str:
         return f"SQLite state file {str(self.path)!r}"
@@ -129,16 +224,23 @@ class SQLiteBackend(SQLBackend):
                 f"{self._where()} is not readable and writable by this process (read-only file?); "
                 "fix its permissions or point CONCIERGE_STATE_URL elsewhere"
             )
+        # The sqlite3 module's own transaction handling, pinned where Python
+        # lets it be chosen: `_SQLiteTx` relies on its implicit BEGIN IMMEDIATE.
+        legacy = getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", None)
+        options: dict[str, Any] = {} if legacy is None else {"autocommit": legacy}
         try:
-            conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+            conn = await aiosqlite.connect(self.path, isolation_level="IMMEDIATE", timeout=self.busy_timeout, **options)
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             await conn.execute("PRAGMA foreign_keys = ON")  # the values table cascades on delete
             row = await self._enable_wal(conn)
+            synchronous = self.synchronous
             if row is None or str(row[0]).lower() != "wal":
                 logger.warning("%s: journal mode is %s, not WAL", self._where(), row[0] if row else "unknown")
+                synchronous = "full"  # NORMAL is only crash-safe with WAL
+            await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await conn.close()
@@ -158,8 +260,8 @@ class SQLiteBackend(SQLBackend):
         delay = 0.001
         while True:
             try:
-                async with conn.execute("PRAGMA journal_mode = WAL") as cursor:
-                    return await cursor.fetchone()
+                rows = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+                return next(iter(rows), None)
             except sqlite3.OperationalError as exc:
                 code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
                 if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or time.monotonic() > deadline:
@@ -181,22 +283,20 @@ class SQLiteBackend(SQLBackend):
             conn = self._conn
             if conn is None:
                 raise StateUnavailableError(f"{self._where()} is closed")
+            tx = _SQLiteTx(conn, write=write)
             try:
-                if write:
-                    await conn.execute("BEGIN IMMEDIATE")
-                committed = False
                 try:
-                    yield _SQLiteTx(conn)
-                    if write:
+                    yield tx
+                    if tx.began:
                         await conn.execute("COMMIT")
-                    committed = True
-                finally:
-                    if write and not committed and conn.in_transaction:
+                except BaseException:
+                    if tx.began:
                         with anyio.CancelScope(shield=True):
                             try:
-                                await conn.execute("ROLLBACK")
+                                await conn.rollback()  # a no-op when no transaction is open
                             except sqlite3.Error:  # keep the error that got us here
                                 logger.warning("%s: rollback failed", self._where(), exc_info=True)
+                    raise
             except sqlite3.Error as exc:
                 if self._is_unavailable(exc):
                     raise self._unavailable(exc) from exc
