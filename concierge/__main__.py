@@ -1,9 +1,10 @@
-"""`python -m concierge`: list the bundled examples, or serve one.
+"""`python -m concierge`: list the bundled examples, serve one, or inspect a state store.
 
     python -m concierge                     # list the examples (name and summary)
     python -m concierge shop                # serve one over stdio
     python -m concierge shop --transport streamable-http --port 8000 [--stateless]
     python -m concierge shop --transport sse --port 8000
+    python -m concierge sessions list       # inspect stored sessions (see concierge.inspector)
 
 The examples ship inside the wheel as `concierge/examples/`; in a source
 checkout or an editable install they are the top-level `examples/` directory
@@ -49,6 +50,16 @@ TRANSPORTS = ("stdio", "streamable-http", "sse")
 # handler here (name -> callable(argv) -> exit code).
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
 RESERVED = frozenset({"sessions", "help"})
+
+
+def _sessions(argv: list[str]) -> int:
+    """`python -m concierge sessions ...`: the state store inspector."""
+    from concierge.inspector import main as inspect
+
+    return inspect(argv)
+
+
+SUBCOMMANDS["sessions"] = _sessions
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -135,6 +146,7 @@ def _listing(examples: dict[str, Example]) -> str:
         "Bundled examples (run one with `python -m concierge NAME`):\n\n"
         + "\n".join(lines)
         + "\n\nOptions: --transport {stdio,streamable-http,sse} --host HOST --port PORT --stateless\n"
+        + "Stored sessions: python -m concierge sessions --help\n"
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import anyio
 
 from concierge.errors import ConflictError, StateUnavailableError
-from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
+from concierge.state.base import UNCHANGED, Commit, SessionRecord, SessionSummary, StateBackend
 
 logger = logging.getLogger("concierge")
 
@@ -94,7 +94,24 @@ _PUT_VALUE = (
     " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value"
 )
 _DELETE = "DELETE FROM concierge_sessions WHERE id = $1"
-_TOUCH = f"UPDATE concierge_sessions SET expires_at = $3 WHERE id = $1 AND {_LIVE}"
+# A renewal is activity too: `updated_at` moves forward (never back, whatever a caller's clock says).
+_TOUCH = (
+    "UPDATE concierge_sessions SET expires_at = $3,"
+    " updated_at = CASE WHEN updated_at > $2 THEN updated_at ELSE $2 END"
+    f" WHERE id = $1 AND {_LIVE}"
+)
+# `list_sessions`: the page of session rows is chosen first, then only its
+# values are aggregated. `{where}` is built from the filters asked for;
+# `{size}` is the dialect's byte length of `v.value`.
+_LIST = (
+    "SELECT s.id, s.version, s.stage, s.owner, s.created_at, s.updated_at, s.expires_at,"
+    " COUNT(v.key), COALESCE(SUM({size}), 0)"
+    " FROM (SELECT id, version, stage, owner, created_at, updated_at, expires_at FROM concierge_sessions"
+    " {where} ORDER BY updated_at DESC, id LIMIT $1 OFFSET $2) s"
+    " LEFT JOIN concierge_values v ON v.session_id = s.id"
+    " GROUP BY s.id, s.version, s.stage, s.owner, s.created_at, s.updated_at, s.expires_at"
+    " ORDER BY s.updated_at DESC, s.id"
+)
 
 
 class Tx(Protocol):
@@ -117,6 +134,8 @@ class SQLBackend(StateBackend):
     _clear_expired_sql = "DELETE FROM concierge_sessions WHERE expires_at <= $1"
     #: Up to `$2` ids of sessions expired at `$1`, locked for this transaction where the dialect can.
     _expired_ids_sql = "SELECT id FROM concierge_sessions WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2"
+    #: The length of `v.value` in UTF-8 bytes (SQLite: a text cast to a blob keeps its UTF-8 bytes).
+    _value_bytes_sql = "length(CAST(v.value AS BLOB))"
 
     def __init__(self) -> None:
         self._open_lock = anyio.Lock()
@@ -270,6 +289,45 @@ class SQLBackend(StateBackend):
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         async with self._transaction(write=True) as tx:
             return bool(await tx.execute(_TOUCH, session_id, now, expires_at))
+
+    async def list_sessions(
+        self,
+        *,
+        now: float,
+        prefix: str | None = None,
+        include_expired: bool = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[SessionSummary]:
+        """As `StateBackend.list_sessions`: one statement; `size` counts UTF-8 bytes in every dialect."""
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit and offset must not be negative (got limit={limit}, offset={offset})")
+        args: list[Any] = [limit, offset]
+        where = []
+        if not include_expired:
+            args.append(now)
+            where.append(f"(expires_at IS NULL OR expires_at > ${len(args)})")
+        if prefix:
+            # A literal comparison of the id's first characters: no LIKE wildcards to escape.
+            args.extend([len(prefix), prefix])
+            where.append(f"substr(id, 1, ${len(args) - 1}) = ${len(args)}")
+        sql = _LIST.format(size=self._value_bytes_sql, where=f"WHERE {' AND '.join(where)}" if where else "")
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch(sql, *args)
+        return [
+            SessionSummary(
+                session_id=sid,
+                version=int(version),
+                stage=stage,
+                owner=owner,
+                keys=int(keys),
+                size=int(size),
+                created_at=created_at,
+                updated_at=updated_at,
+                expires_at=expires_at,
+            )
+            for sid, version, stage, owner, created_at, updated_at, expires_at, keys, size in rows
+        ]
 
     @staticmethod
     async def _conflict(tx: Tx, commit: Commit, now: float) -> ConflictError:

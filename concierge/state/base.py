@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Commit", "SessionRecord", "StateBackend", "UNCHANGED"]
+__all__ = ["UNCHANGED", "Commit", "SessionRecord", "SessionSummary", "StateBackend"]
 
 
 class _Unchanged:
@@ -50,6 +50,34 @@ class SessionRecord:
     owner: str | None = None
     expires_at: float | None = None
     created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """One session as `StateBackend.list_sessions` describes it, without its values.
+
+    Attributes:
+        session_id: the storage id, as stored (e.g. `h:<handle>`, `user:<principal>`).
+        version: the stored version (1 at creation, +1 per commit).
+        stage: the session's stage, `None` when it has none.
+        owner: the principal recorded when the session was created.
+        keys: how many state keys it holds.
+        size: the total size of its values' JSON text, in UTF-8 bytes.
+        created_at: when this life of the session began (epoch seconds).
+        updated_at: its last activity: the last commit, or the last renewal of
+            its expiry by a call that only read (`touch`).
+        expires_at: its absolute expiry (epoch seconds), `None` = never.
+    """
+
+    session_id: str
+    version: int
+    stage: str | None
+    owner: str | None
+    keys: int
+    size: int
+    created_at: float
+    updated_at: float
+    expires_at: float | None
 
 
 @dataclass(slots=True)
@@ -185,6 +213,39 @@ class StateBackend(ABC):
         processes sweeping one store, so end-of-session work runs once.
         Returns an empty list when none is left.
         """
+
+    async def list_sessions(
+        self,
+        *,
+        now: float,
+        prefix: str | None = None,
+        include_expired: bool = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[SessionSummary]:
+        """Describe stored sessions, newest activity (`updated_at`) first, then by id.
+
+        For inspection and administration, not for serving requests. The
+        built-in backends implement it; another backend may not, in which case
+        this default raises `NotImplementedError`.
+
+        Args:
+            now: the time expiry is judged at.
+            prefix: only sessions whose id starts with it (matched literally:
+                `%` and `_` are ordinary characters).
+            include_expired: also list sessions expired at `now` that no sweep
+                has deleted yet.
+            limit: at most this many summaries (0 or more).
+            offset: skip this many, in the order above (0 or more).
+
+        Raises:
+            ValueError: `limit` or `offset` is negative.
+            NotImplementedError: this backend cannot list its sessions.
+            StateUnavailableError: the store could not be reached.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support listing sessions (StateBackend.list_sessions)"
+        )
 
     async def __aenter__(self) -> StateBackend:
         await self.open()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from concierge.errors import ConflictError
-from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
+from concierge.state.base import UNCHANGED, Commit, SessionRecord, SessionSummary, StateBackend
 
 __all__ = ["MemoryBackend"]
 
@@ -18,6 +18,7 @@ class _Row:
     owner: str | None
     expires_at: float | None
     created_at: float
+    updated_at: float
     values: dict[str, str] = field(default_factory=dict)
 
     def live(self, now: float) -> bool:
@@ -40,7 +41,9 @@ class MemoryBackend(StateBackend):
         row = self._rows.get(session_id)
         if row is not None and row.live(now):
             raise ConflictError(f"session {session_id!r} already exists")
-        self._rows[session_id] = _Row(version=1, stage=None, owner=owner, expires_at=expires_at, created_at=now)
+        self._rows[session_id] = _Row(
+            version=1, stage=None, owner=owner, expires_at=expires_at, created_at=now, updated_at=now
+        )
 
     async def load(
         self,
@@ -74,6 +77,7 @@ class MemoryBackend(StateBackend):
             if commit.stage is not UNCHANGED:
                 row.stage = commit.stage  # type: ignore[assignment]
             row.expires_at = commit.expires_at
+            row.updated_at = now
             row.version += 1
             self._rows[commit.session_id] = row
             versions.append(row.version)
@@ -87,7 +91,7 @@ class MemoryBackend(StateBackend):
         if commit.expected_version == 0:
             if row is not None:
                 raise ConflictError(f"session {commit.session_id!r} was created concurrently")
-            return _Row(version=0, stage=None, owner=commit.owner, expires_at=None, created_at=now)
+            return _Row(version=0, stage=None, owner=commit.owner, expires_at=None, created_at=now, updated_at=now)
         if row is None:
             raise ConflictError(f"session {commit.session_id!r} no longer exists (deleted or expired)")
         if row.version != commit.expected_version:
@@ -101,6 +105,7 @@ class MemoryBackend(StateBackend):
         if row is None or not row.live(now):
             return False
         row.expires_at = expires_at
+        row.updated_at = max(row.updated_at, now)
         return True
 
     async def delete(self, session_id: str) -> bool:
@@ -118,3 +123,32 @@ class MemoryBackend(StateBackend):
             row = self._rows.pop(sid)
             taken.append(SessionRecord(sid, row.version, row.values, row.stage, row.owner, row.expires_at, row.created_at))
         return taken
+
+    async def list_sessions(
+        self,
+        *,
+        now: float,
+        prefix: str | None = None,
+        include_expired: bool = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[SessionSummary]:
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit and offset must not be negative (got limit={limit}, offset={offset})")
+        found = [
+            SessionSummary(
+                session_id=sid,
+                version=row.version,
+                stage=row.stage,
+                owner=row.owner,
+                keys=len(row.values),
+                size=sum(len(value.encode("utf-8")) for value in row.values.values()),
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                expires_at=row.expires_at,
+            )
+            for sid, row in self._rows.items()
+            if (prefix is None or sid.startswith(prefix)) and (include_expired or row.live(now))
+        ]
+        found.sort(key=lambda s: (-s.updated_at, s.session_id))
+        return found[offset : offset + limit]

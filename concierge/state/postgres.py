@@ -103,6 +103,7 @@ class PostgresBackend(SQLBackend):
     _expired_ids_sql = (
         "SELECT id FROM concierge_sessions WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
     )
+    _value_bytes_sql = "octet_length(v.value)"
 
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0) -> None:
         super().__init__()
