@@ -9,7 +9,9 @@ results with the session handle where the wire has no session of its own.
 from __future__ import annotations
 
 import dis
+import functools
 import inspect
+import json
 import logging
 import os
 import random
@@ -49,6 +51,7 @@ from concierge.errors import (
     StateUnavailableError,
     UnknownSessionError,
 )
+from concierge.live import LiveObjects
 from concierge.sessions import HANDLE_META_KEY, HANDLE_PREFIX, Identity
 from concierge.stages import StageGraph
 from concierge.state import ENV_STATE_URL, SessionRecord, StateBackend, backend_from_url
@@ -59,6 +62,7 @@ __all__ = ["Concierge"]
 logger = logging.getLogger("concierge")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 START_SESSION = "start_session"
 PROCEED = "proceed_to_next_stage"
@@ -141,6 +145,8 @@ class Concierge(MCPServer[Any]):
             the sweep off (`await app.sweep_expired()` still works).
         keep_closed_sessions: whether a session whose legacy connection closed
             keeps its stored state (default) or is deleted after its end hooks.
+        max_live_objects: live objects (`app.resource`) this process keeps at
+            most; past it the least recently used is closed.
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class Concierge(MCPServer[Any]):
         initial_state: Mapping[str, Any] | Callable[[], Any] | None = None,
         sweep_interval: float | None = DEFAULT_SWEEP_INTERVAL,
         keep_closed_sessions: bool = True,
+        max_live_objects: int = 1024,
         lifespan: Callable[[Any], AbstractAsyncContextManager[Any]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -185,6 +192,8 @@ class Concierge(MCPServer[Any]):
         self._end_hooks: list[Callable[..., Any]] = []
         self._scopes: dict[str, set[str]] = {}  # what each tool and hook kind is known to use
         self._sweeping = False
+        self._live = LiveObjects(max_live_objects, self._store.clock)
+        self._lifespans = 0
         super().__init__(name, *args, lifespan=self._lifespan, **kwargs)
         self.middleware.append(self._middleware)
         self._add_builtin_tools()
@@ -224,6 +233,74 @@ class Concierge(MCPServer[Any]):
         """Remove `key` from `scope` (no error if it is absent)."""
         current_unit("delete_state", scope).delete(key)
 
+    # -- live objects and cache (this process, this session) -------------------------
+    def resource(self, key: str, factory: Callable[[], _T], *, close: Callable[[_T], Any] | None = None) -> _T:
+        """This session's live object `key`, created by the sync `factory()` on first use.
+
+        Held in this process's memory, never persisted. `close(obj)` (sync or
+        async; default: the object's own `aclose()` or `close()`) runs when the
+        session ends (terminated, expired, connection closed), at shutdown, or
+        when `max_live_objects` evicts it. Use `aresource` for an async factory.
+        """
+        return self._live.get(self._session_of("resource"), key, factory, close)
+
+    async def aresource(self, key: str, factory: Callable[[], Any], *, close: Callable[[Any], Any] | None = None) -> Any:
+        """`resource` for a sync or async `factory`; concurrent first use creates it once."""
+        return await self._live.aget(self._session_of("aresource"), key, factory, close)
+
+    def cached(self, key: str, ttl: float | timedelta | None, factory: Callable[[], Any]) -> Any:
+        """This session's cached JSON value `key`, computed by `factory()` when absent or older than `ttl`.
+
+        Kept in this process's memory, not part of the session's state and
+        never written to the backend; gone when the session ends. Each call
+        returns a fresh copy. `ttl=None` keeps it until the session ends.
+        """
+        session_id = self._session_of("cached")
+        hit, value = self._live.cache_get(session_id, key)
+        if hit:
+            return value
+        return self._live.cache_put(session_id, key, factory(), _cache_ttl(ttl))
+
+    async def acached(self, key: str, ttl: float | timedelta | None, factory: Callable[[], Any]) -> Any:
+        """`cached` for a sync or async `factory`."""
+        session_id = self._session_of("acached")
+        hit, value = self._live.cache_get(session_id, key)
+        if hit:
+            return value
+        value = factory()
+        if inspect.isawaitable(value):
+            value = await value
+        return self._live.cache_put(session_id, key, value, _cache_ttl(ttl))
+
+    def cache(self, *, ttl: float | timedelta | None) -> Callable[[_F], _F]:
+        """Decorate a function (sync or async): its JSON results are cached per session and arguments for `ttl`."""
+
+        def decorator(fn: _F) -> _F:
+            def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+                return f"{fn.__module__}.{fn.__qualname__}:" + json.dumps([args, kwargs], sort_keys=True, default=repr)
+
+            if inspect.iscoroutinefunction(fn):
+
+                @functools.wraps(fn)
+                async def cached_async(*args: Any, **kwargs: Any) -> Any:
+                    return await self.acached(key_of(args, kwargs), ttl, lambda: fn(*args, **kwargs))
+
+                return cached_async  # type: ignore[return-value]
+
+            @functools.wraps(fn)
+            def cached_sync(*args: Any, **kwargs: Any) -> Any:
+                return self.cached(key_of(args, kwargs), ttl, lambda: fn(*args, **kwargs))
+
+            return cached_sync  # type: ignore[return-value]
+
+        return decorator
+
+    @staticmethod
+    def _session_of(operation: str) -> str:
+        session_id = current_unit(operation).session_id
+        assert session_id is not None
+        return session_id
+
     # -- lifecycle hooks -----------------------------------------------------------
     def on_session_start(self, fn: _F) -> _F:
         """Register `fn` (sync or async) to run when a session starts.
@@ -260,6 +337,8 @@ class Concierge(MCPServer[Any]):
         The background sweep calls this every `sweep_interval` seconds; it
         also works outside a running server (it opens the store for the call).
         """
+        if self._store.ttl is not None:
+            await self._live.end_idle(self._store.ttl)  # what this process holds for sessions idle that long
         async with self._store.opened():
             backend = self._store.backend
             now = self._store.clock()
@@ -270,6 +349,7 @@ class Concierge(MCPServer[Any]):
                 for record in batch:
                     self._store.forget(record.session_id)
                     await self._end_outside_request(record.session_id, "expired", record)
+                    await self._live.end_session(record.session_id)
                 swept += len(batch)
             return swept
 
@@ -335,6 +415,7 @@ class Concierge(MCPServer[Any]):
             if graph.stages_of(builtin):
                 raise ConfigurationError(f"{builtin!r} is a built-in tool and cannot be put in a stage")
         self._graph = graph
+        self._lifespans += 1
         async with self._store.opened(), anyio.create_task_group() as tg:
             sweeping = self._store.ttl is not None and self._sweep_interval is not None and not self._sweeping
             if sweeping:  # one sweeper per process, however many lifespans are entered
@@ -353,6 +434,10 @@ class Concierge(MCPServer[Any]):
                         await self._close_session("stdio:" + stdio)
                 if sweeping:
                     self._sweeping = False
+                self._lifespans -= 1
+                if self._lifespans == 0:  # the server is shutting down: nothing live outlives it
+                    with anyio.move_on_after(10, shield=True):
+                        await self._live.close_all()
                 tg.cancel_scope.cancel()
 
     async def _sweep_forever(self, interval: float) -> None:
@@ -407,6 +492,7 @@ class Concierge(MCPServer[Any]):
             """End this session's workflow: clear its state and return it to the first stage."""
             unit = current_unit(TERMINATE)
             await self._run_end_hooks(unit, "terminated")
+            await self._live.end_session(unit.session_id)  # type: ignore[arg-type]
             unit.clear()
             return {"terminated": True, "stage": self._graph.start}
 
@@ -622,6 +708,7 @@ class Concierge(MCPServer[Any]):
         try:
             if self._end_hooks:
                 await self._end_outside_request(session_id, "closed", None)
+            await self._live.end_session(session_id)
             if not self._keep_closed:
                 await self._store.delete(session_id)
         except Exception:
@@ -629,7 +716,7 @@ class Concierge(MCPServer[Any]):
 
     def _watch_close(self, ctx: ServerRequestContext[Any, Any], session_id: str) -> None:
         """Arrange for `_close_session` when the legacy connection that carries `session_id` closes."""
-        if not sessions.closes_with_connection(session_id) or (self._keep_closed and not self._end_hooks):
+        if not sessions.closes_with_connection(session_id):
             return
         connection = connection_of(ctx)
         if connection.state.get(_CLOSE_REGISTERED) == session_id:
@@ -890,3 +977,12 @@ def _hook_args(hook: Callable[..., Any], given: dict[str, Any]) -> list[Any]:
     if len(params) == 1 and "reason" in given:
         return [given["reason"]]
     return order[: len(params)]
+
+
+def _cache_ttl(ttl: float | timedelta | None) -> float | None:
+    if ttl is None:
+        return None
+    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
+    if seconds <= 0:
+        raise ValueError(f"cache ttl must be positive (or None: until the session ends), got {ttl!r}")
+    return seconds

@@ -14,6 +14,7 @@ __all__ = [
     "ConciergeError",
     "ConfigurationError",
     "ConflictError",
+    "LiveObjectError",
     "NoSessionError",
     "SessionExpiredError",
     "StageError",
@@ -68,6 +69,10 @@ class ConflictError(ConciergeError, RuntimeError):
 
 class StateUnavailableError(ConciergeError, RuntimeError):
     """The state backend could not be reached; nothing was written."""
+
+
+class LiveObjectError(ConciergeError, TypeError):
+    """A live object was asked for the wrong way (an async factory given to the sync `app.resource`)."""
 
 
 class StageError(ConciergeError, PermissionError):
