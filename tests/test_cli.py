@@ -103,7 +103,7 @@ def test_stateless_without_streamable_http_is_a_usage_error(capsys: pytest.Captu
 
 
 def test_bad_state_url_is_reported_at_start_without_the_password(outside: Path) -> None:
-    env = {**_env(), "CONCIERGE_STATE_URL": "redis://user:hunter2@localhost/0"}
+    env = {**_env(), "CONCIERGE_STATE_URL": "mysql://user:hunter2@localhost/0"}
     done = subprocess.run(
         [sys.executable, "-m", "concierge", "shop"],
         cwd=outside,
@@ -115,7 +115,7 @@ def test_bad_state_url_is_reported_at_start_without_the_password(outside: Path) 
     )
     assert done.returncode == 2
     assert done.stdout == ""
-    assert "unsupported scheme 'redis'" in done.stderr
+    assert "unsupported scheme 'mysql'" in done.stderr
     assert "hunter2" not in done.stderr
 
 

@@ -5,12 +5,13 @@
 - unset, empty or `memory://` -> `MemoryBackend`
 - `sqlite:///relative.db`, `sqlite:////abs/path.db` -> `SQLiteBackend` (aiosqlite)
 - `postgresql://...`, `postgres://...` -> `PostgresBackend` (asyncpg)
+- `redis://...`, `rediss://...` -> `RedisBackend` (redis-py; the `redis` extra)
 """
 
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from concierge.errors import ConfigurationError
 from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
@@ -28,7 +29,11 @@ __all__ = [
 ]
 
 ENV_STATE_URL = "CONCIERGE_STATE_URL"
-SUPPORTED = "memory://, sqlite:///path.db, postgresql://user:password@host:port/db (or postgres://)"
+SUPPORTED = (
+    "memory://, sqlite:///path.db, postgresql://user:password@host:port/db (or postgres://), "
+    "redis://[:password@]host:port/db (or rediss://)"
+)
+REDIS_EXTRA = 'pip install "concierge[redis]"'
 
 
 def redact_url(url: str) -> str:
@@ -51,6 +56,16 @@ def redact_url(url: str) -> str:
 
 
 _SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
+def url_secrets(url: str) -> set[str]:
+    """Every spelling (as written, percent-decoded) of the passwords in `url`, to scrub from driver messages."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or "", *(v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_PARAMS)]
+    except ValueError:
+        return set()
+    return {s for p in found if p for s in (p, unquote(p))}
 
 
 def backend_from_url(url: str | None) -> StateBackend:
@@ -80,6 +95,17 @@ def backend_from_url(url: str | None) -> StateBackend:
         from concierge.state.postgres import PostgresBackend
 
         return PostgresBackend.from_url(url)
+    if scheme in ("redis", "rediss"):
+        try:
+            from concierge.state.redis import RedisBackend
+        except ImportError as exc:
+            if (exc.name or "").partition(".")[0] != "redis":
+                raise
+            raise ConfigurationError(
+                f"{ENV_STATE_URL}={redact_url(url)!r} needs the Redis client, which is not installed; "
+                f"install it with: {REDIS_EXTRA}"
+            ) from None
+        return RedisBackend.from_url(url)
     raise ConfigurationError(
         f"{ENV_STATE_URL}={redact_url(url)!r}: unsupported scheme {parts.scheme!r}; supported: {SUPPORTED}"
     )
