@@ -258,7 +258,8 @@ async def test_end_hook_gets_closed_when_a_legacy_connection_closes_and_state_is
     async with Client(app, mode="legacy") as client:
         await client.call_tool("add", {"item": "a"})
     assert len(ended) == 1 and ended[0][1] == "closed" and ended[0][0].startswith("conn:")
-    record = await app.state_backend.load(ended[0][0], now=T0 * 10)
+    async with app.state_backend as backend:  # the server has stopped: open the store to look
+        record = await backend.load(ended[0][0], now=T0 * 10)
     assert record is not None and record.values == {"cart": '["a"]'}
 
 
@@ -271,7 +272,8 @@ async def test_keep_closed_sessions_false_deletes_a_closed_session(
     async with Client(app, mode="legacy") as client:
         await client.call_tool("add", {"item": "a"})
     assert len(ended) == 1
-    assert await app.state_backend.load(ended[0], now=float("-inf")) is None
+    async with app.state_backend as backend:
+        assert await backend.load(ended[0], now=float("-inf")) is None
 
 
 async def test_raising_hooks_are_logged_their_writes_dropped_and_the_session_unharmed(
