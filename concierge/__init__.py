@@ -19,6 +19,7 @@ from concierge.errors import (
     ConciergeError,
     ConfigurationError,
     ConflictError,
+    HistoryError,
     LiveObjectError,
     NoSessionError,
     SessionExpiredError,
@@ -30,16 +31,21 @@ from concierge.errors import (
     StateValueError,
     UnknownSessionError,
 )
+from concierge.history import DELETED, Checkpoint, Reverted
 from concierge.state import MemoryBackend, StateBackend, backend_from_url
 
 __all__ = [
+    "DELETED",
+    "Checkpoint",
     "Concierge",
     "ConciergeError",
     "ConfigurationError",
     "ConflictError",
+    "HistoryError",
     "LiveObjectError",
     "MemoryBackend",
     "NoSessionError",
+    "Reverted",
     "SessionExpiredError",
     "StageError",
     "StateBackend",

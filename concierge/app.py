@@ -41,6 +41,7 @@ from mcp_types import (
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from concierge import history as _history
 from concierge import sessions
 from concierge._sdk import connection_of
 from concierge.errors import (
@@ -147,6 +148,9 @@ class Concierge(MCPServer[Any]):
             keeps its stored state (default) or is deleted after its end hooks.
         max_live_objects: live objects (`app.resource`) this process keeps at
             most; past it the least recently used is closed.
+        history: checkpoints kept per session (default 0: history is off).
+            Each committed call records one (its tool and changed keys); the
+            oldest are pruned. See `history()` and `revert()`.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class Concierge(MCPServer[Any]):
         sweep_interval: float | None = DEFAULT_SWEEP_INTERVAL,
         keep_closed_sessions: bool = True,
         max_live_objects: int = 1024,
+        history: int = 0,
         lifespan: Callable[[Any], AbstractAsyncContextManager[Any]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -175,7 +180,14 @@ class Concierge(MCPServer[Any]):
             raise ConfigurationError("pass either state= or state_url=, not both")
         backend = state if state is not None else backend_from_url(state_url or os.environ.get(ENV_STATE_URL))
         ttl = _ttl_from_env() if session_ttl is ... else _seconds(session_ttl)  # type: ignore[arg-type]
-        store_kwargs: dict[str, Any] = {"ttl": ttl, "max_value_bytes": max_value_bytes}
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise ConfigurationError(f"history must be a whole number of checkpoints (0 = off), got {history!r}")
+        if history and not backend.supports_history:
+            raise ConfigurationError(
+                f"history={history} needs a store that records history (memory, SQLite, PostgreSQL); "
+                f"{type(backend).__name__} does not"
+            )
+        store_kwargs: dict[str, Any] = {"ttl": ttl, "max_value_bytes": max_value_bytes, "history": history}
         if clock is not None:
             store_kwargs["clock"] = clock
         self._store = SessionStore(backend, **store_kwargs)
@@ -234,17 +246,35 @@ class Concierge(MCPServer[Any]):
         current_unit("delete_state", scope).delete(key)
 
     # -- live objects and cache (this process, this session) -------------------------
-    def resource(self, key: str, factory: Callable[[], _T], *, close: Callable[[_T], Any] | None = None) -> _T:
+    def resource(  # type: ignore[override]
+        self,
+        key: str,
+        factory: Callable[[], Any] | None = None,
+        *,
+        close: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """This session's live object `key`, created by the sync `factory()` on first use.
 
         Held in this process's memory, never persisted. `close(obj)` (sync or
         async; default: the object's own `aclose()` or `close()`) runs when the
         session ends (terminated, expired, connection closed), at shutdown, or
         when `max_live_objects` evicts it. Use `aresource` for an async factory.
+
+        Without a `factory`, this is `MCPServer.resource(uri, ...)`, the
+        decorator that registers an MCP resource: `@app.resource("data://x")`.
         """
+        if factory is None:
+            if close is not None:
+                raise ConfigurationError("app.resource(key, factory, close=...): close needs a factory")
+            return super().resource(key, **kwargs)
+        if kwargs:
+            raise ConfigurationError(f"app.resource(key, factory): unexpected arguments {sorted(kwargs)}")
         return self._live.get(self._session_of("resource"), key, factory, close)
 
-    async def aresource(self, key: str, factory: Callable[[], Any], *, close: Callable[[Any], Any] | None = None) -> Any:
+    async def aresource(
+        self, key: str, factory: Callable[[], Any], *, close: Callable[[Any], Any] | None = None
+    ) -> Any:
         """`resource` for a sync or async `factory`; concurrent first use creates it once."""
         return await self._live.aget(self._session_of("aresource"), key, factory, close)
 
@@ -357,6 +387,33 @@ class Concierge(MCPServer[Any]):
     def state_backend(self) -> StateBackend:
         """The backend sessions are stored in."""
         return self._store.backend
+
+    async def history(self, session_id: str) -> list[_history.Checkpoint]:
+        """The checkpoints kept for a session, oldest first (needs `history=N`).
+
+        `session_id` is a storage id (`h:<handle>`, `http:...`, `user:<principal>`,
+        `global`) or a bare handle. Works outside a running server too.
+
+        Raises:
+            HistoryError: history is off for this app.
+            UnknownSessionError: no live session has that id.
+        """
+        return await _history.checkpoints(self._store, session_id)
+
+    async def revert(self, session_id: str, version: int) -> _history.Reverted:
+        """Restore a session's state and stage as of `version`, as a new commit (itself revertible).
+
+        It waits for any call running on the session in this process and
+        commits with the usual version check. Versions from (the oldest kept
+        checkpoint's version - 1) to the current one can be restored.
+
+        Raises:
+            HistoryError: history is off, or `version` cannot be restored (the
+                message names the oldest version that can).
+            UnknownSessionError: no live session has that id.
+            ConflictError: another process committed to the session meanwhile.
+        """
+        return await _history.revert(self._store, session_id, version)
 
     # -- stages -----------------------------------------------------------------
     def stage(self, name: str) -> Callable[[_F], _F]:
@@ -593,6 +650,8 @@ class Concierge(MCPServer[Any]):
         async with self._store.locked(session_id):
             for attempt in range(_ATTEMPTS):
                 unit = await (load() if load is not None else self._store.load(session_id, create=create))
+                if unit is not None:
+                    unit.tool = key.removeprefix("tool:")
                 if unit is None or (identity.via_handle and not identity.is_new and unit.owner != identity.owner):
                     return None, None
                 new = unit.version == 0 and not unit.detached

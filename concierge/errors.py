@@ -14,6 +14,7 @@ __all__ = [
     "ConciergeError",
     "ConfigurationError",
     "ConflictError",
+    "HistoryError",
     "LiveObjectError",
     "NoSessionError",
     "SessionExpiredError",
@@ -73,6 +74,10 @@ class StateUnavailableError(ConciergeError, RuntimeError):
 
 class LiveObjectError(ConciergeError, TypeError):
     """A live object was asked for the wrong way (an async factory given to the sync `app.resource`)."""
+
+
+class HistoryError(ConciergeError, ValueError):
+    """History is not recorded, or a version cannot be restored from the checkpoints kept."""
 
 
 class StageError(ConciergeError, PermissionError):

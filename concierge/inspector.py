@@ -6,13 +6,16 @@
     python -m concierge sessions export ID
     python -m concierge sessions delete ID
     python -m concierge sessions purge-expired
+    python -m concierge sessions history ID
+    python -m concierge sessions revert ID VERSION [--keep N]
 
 The store is the one `--url` names, or else `CONCIERGE_STATE_URL` (a shared
 store such as SQLite or PostgreSQL: a memory store lives inside its server
 process and cannot be seen from another one). Output is a plain table or text
 for a terminal; `--json` prints JSON instead, for scripts (`export` always
 prints JSON; its times are epoch seconds). `delete` and `purge-expired` remove
-sessions directly, without running any `on_session_end` hook.
+sessions directly, without running any `on_session_end` hook. `history` and
+`revert` read and use the checkpoints a server with `history=N` records.
 
 Exit codes: 0 success; 1 when the store cannot be reached, the session is
 unknown or the store cannot do what was asked; 2 on a usage or configuration
@@ -41,7 +44,7 @@ from concierge.errors import ConfigurationError, StateUnavailableError
 from concierge.state import ENV_STATE_URL, StateBackend, backend_from_url
 from concierge.state.base import SessionRecord, SessionSummary
 
-__all__ = ["main", "scope_of"]
+__all__ = ["main", "scope_of", "storage_ids"]
 
 PROG = "python -m concierge sessions"
 
@@ -196,7 +199,7 @@ def _summary_json(s: SessionSummary, now: float) -> dict[str, Any]:
     }
 
 
-def _candidates(given: str) -> list[str]:
+def storage_ids(given: str) -> list[str]:
     """The storage ids `given` may name: itself, and for a bare handle also `h:<handle>`."""
     if given == GLOBAL_ID or given.startswith((*SESSION_PREFIXES, USER_PREFIX)):
         return [given]
@@ -205,7 +208,7 @@ def _candidates(given: str) -> list[str]:
 
 async def _find(backend: StateBackend, given: str, now: float, *, details: bool = True) -> _Found:
     """The stored session `given` names, even when it has expired but is not swept yet."""
-    tried = _candidates(given)
+    tried = storage_ids(given)
     for sid in tried:
         record = await backend.load(sid, now=float("-inf"))
         if record is not None:
@@ -366,7 +369,90 @@ async def _purge(backend: StateBackend, args: argparse.Namespace, now: float) ->
     return f"purged {count} expired session{'' if count == 1 else 's'}\n"
 
 
-_COMMANDS = {"list": _list, "show": _show, "export": _export, "delete": _delete, "purge-expired": _purge}
+def _changed(changes: dict[str, Any]) -> str:
+    """`cart, -note`: the keys a checkpoint wrote, deleted ones marked `-`."""
+    from concierge.history import DELETED
+
+    return ", ".join(("-" if value is DELETED else "") + key for key, value in changes.items())
+
+
+async def _history(backend: StateBackend, args: argparse.Namespace, now: float) -> str:
+    from concierge.history import DELETED, Checkpoint
+
+    sid = (await _find(backend, args.id, now, details=False)).record.session_id
+    try:
+        kept = [Checkpoint.of(c) for c in await backend.history(sid)]
+    except NotImplementedError as exc:
+        raise _Failure(f"this store does not record history: {exc}") from None
+    if args.json:
+        return _dumps(
+            [
+                {
+                    "version": c.version,
+                    "at": c.at,
+                    "tool": c.tool,
+                    "changes": {k: v for k, v in c.changes.items() if v is not DELETED},
+                    "deleted": [k for k, v in c.changes.items() if v is DELETED],
+                    "stage_changed": c.stage_changed,
+                    "stage": c.stage,
+                }
+                for c in kept
+            ]
+        )
+    if not kept:
+        return f"no history kept for {sid}\n"
+    rows = [
+        [
+            str(c.version),
+            _when(c.at, now),
+            c.tool or "-",
+            _changed(c.changes) or "-",
+            (c.stage or "(none)") if c.stage_changed else "",
+        ]
+        for c in kept
+    ]
+    out = _table(["VERSION", "AT", "TOOL", "CHANGED KEYS", "STAGE"], rows, frozenset({0}))
+    return out + f"\n{sid}: oldest version it can be reverted to: {kept[0].version - 1}\n"
+
+
+async def _revert(backend: StateBackend, args: argparse.Namespace, now: float) -> str:
+    from concierge.errors import ConflictError, HistoryError
+    from concierge.history import revert_record
+
+    found = await _find(backend, args.id, now, details=False)
+    if found.expired:
+        raise _Failure(f"session {found.record.session_id!r} has expired; it cannot be reverted")
+    try:
+        done = await revert_record(backend, found.record, args.version, now=now, keep=args.keep)
+    except NotImplementedError as exc:
+        raise _Failure(f"this store does not record history: {exc}") from None
+    except (HistoryError, ConflictError) as exc:
+        raise _Failure(str(exc)) from None
+    document = {
+        "session_id": done.session_id,
+        "reverted_to": done.reverted_to,
+        "version": done.version,
+        "stage": done.stage,
+        "state": done.state,
+    }
+    if args.json:
+        return _dumps(document)
+    state = json.dumps(done.state, indent=2, ensure_ascii=False)
+    return (
+        f"reverted {done.session_id} to version {done.reverted_to} (now version {done.version})\n"
+        f"stage: {done.stage or '-'}\n\nstate:\n{state}\n"
+    )
+
+
+_COMMANDS = {
+    "list": _list,
+    "show": _show,
+    "export": _export,
+    "delete": _delete,
+    "purge-expired": _purge,
+    "history": _history,
+    "revert": _revert,
+}
 
 
 # -- the command line ---------------------------------------------------------------------
@@ -446,6 +532,30 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="delete every expired session and print how many",
         description="Delete every expired session and print how many were deleted.",
+    )
+    history = commands.add_parser(
+        "history",
+        parents=[common],
+        help="list the checkpoints kept for one session, oldest first",
+        description="List the checkpoints kept for one session (a server with history=N records them), "
+        "oldest first: version, time, tool and changed keys (deleted ones marked -).",
+    )
+    history.add_argument("id", metavar="ID", help=id_help)
+    revert = commands.add_parser(
+        "revert",
+        parents=[common],
+        help="restore one session's state and stage as of VERSION, and print it",
+        description="Restore one session's state and stage as of VERSION, as a new commit, and print it.",
+    )
+    revert.add_argument("id", metavar="ID", help=id_help)
+    revert.add_argument("version", metavar="VERSION", type=_count, help="the version to go back to")
+    revert.add_argument(
+        "--keep",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="checkpoints to keep for the session, the revert's own included (0: record none); "
+        "default: every one kept so far plus the revert's, or none if the session has no history",
     )
     return parser
 

@@ -196,6 +196,13 @@ class UnitOfWork:
     """Shared scopes user code asked for that were not loaded: the call is re-run with them."""
     detached: bool = False
     """The session is gone from the store (it expired); only its shared buckets are written."""
+    tool: str | None = None
+    """What runs in this unit (a tool's name), recorded in the checkpoints its commit makes."""
+    base_stage: str | None = field(default=None, init=False)
+    """The stage when loaded (`stage` as given at construction); never mutated."""
+
+    def __post_init__(self) -> None:
+        self.base_stage = self.stage
 
     def bucket(self, operation: str, scope: str) -> UnitOfWork:
         """The loaded working copy of a shared scope."""
@@ -289,6 +296,16 @@ class UnitOfWork:
     def dirty(self) -> bool:
         return bool(self.changes) or self.cleared or self.stage_changed or self.must_persist
 
+    def overwritten(self) -> dict[str, str | None]:
+        """What committing this unit overwrites: each changed key's loaded JSON text (`None`: absent).
+
+        A cleared unit overwrites every key it loaded.
+        """
+        before: dict[str, str | None] = dict(self.base) if self.cleared else {}
+        for key in self.changes:
+            before.setdefault(key, self.base.get(key))
+        return before
+
     def committed_values(self) -> dict[str, str]:
         """The session's values as they stand after this unit commits."""
         values = {} if self.cleared else dict(self.base)
@@ -366,6 +383,8 @@ class SessionStore:
         clock: returns the current time in epoch seconds; inject one in tests.
         max_value_bytes: largest JSON encoding accepted by `set_state`.
         snapshot_capacity: sessions whose last values are cached in this process.
+        history: checkpoints kept per session (0: none are recorded); each
+            commit records what it changed, with what it overwrote.
     """
 
     def __init__(
@@ -376,8 +395,10 @@ class SessionStore:
         clock: Callable[[], float] = time.time,
         max_value_bytes: int | None = None,
         snapshot_capacity: int = 4096,
+        history: int = 0,
     ) -> None:
         self.backend = backend
+        self.history = history
         self.ttl = ttl
         self.clock = clock
         self.max_value_bytes = max_value_bytes
@@ -503,6 +524,10 @@ class SessionStore:
                 stage=u.stage if u.stage_changed else UNCHANGED,
                 owner=u.owner,
                 expires_at=self.expiry(now) if u.expiring else None,
+                tool=unit.tool,
+                history=self.history,
+                before=u.overwritten() if self.history > 0 else {},
+                stage_before=u.base_stage,
             )
             for u in dirty
         ]

@@ -633,3 +633,161 @@ async def test_a_backend_without_list_sessions_says_so() -> None:
 
     with pytest.raises(NotImplementedError, match="Minimal does not support listing sessions"):
         await Minimal().list_sessions(now=NOW)
+
+
+# -- history (checkpoints) ----------------------------------------------------------
+
+
+@pytest.fixture
+async def recording(backend: StateBackend) -> StateBackend:
+    """`backend`, on the backends that record history."""
+    if not backend.supports_history:
+        pytest.skip(f"{type(backend).__name__} does not record history")
+    return backend
+
+
+def _step(
+    sid: str, expected: int, changes: dict[str, str | None], before: dict[str, str | None], **kw: object
+) -> Commit:
+    kw.setdefault("history", 10)
+    kw.setdefault("tool", "t")
+    return Commit(sid, expected, changes, before=before, **kw)  # type: ignore[arg-type]
+
+
+async def test_each_commit_with_history_records_one_checkpoint_of_what_it_changed(recording: StateBackend) -> None:
+    b = recording
+    assert await b.history("s1") == []
+    await b.commit(_step("s1", 0, {"a": "1", "b": '"x"'}, {}, tool="create", stage="browse"), now=NOW)
+    await b.commit(_step("s1", 1, {"a": "2", "b": None, "c": "[3]"}, {"a": "1", "b": '"x"', "c": None}), now=NOW + 1)
+    await b.commit(_step("s1", 2, {}, {}, tool=None, stage="cart", stage_before="browse"), now=NOW + 2)
+    first, second, third = await b.history("s1")
+    assert (first.version, first.at, first.tool) == (1, NOW, "create")
+    assert (first.changes, first.previous) == ({"a": "1", "b": '"x"'}, {"a": None, "b": None})
+    assert (first.stage_changed, first.stage, first.previous_stage) == (True, "browse", None)
+    assert (second.version, second.at, second.tool, second.stage_changed) == (2, NOW + 1, "t", False)
+    assert second.changes == {"a": "2", "b": None, "c": "[3]"}
+    assert second.previous == {"a": "1", "b": '"x"', "c": None}
+    assert (third.version, third.tool, third.changes, third.previous) == (3, None, {}, {})
+    assert (third.stage_changed, third.stage, third.previous_stage) == (True, "cart", "browse")
+
+
+async def test_a_checkpoint_leaves_out_keys_written_with_the_value_they_had(recording: StateBackend) -> None:
+    await recording.commit(_step("s1", 0, {"a": "1", "b": "2"}, {}, stage="x"), now=NOW)
+    before = {"a": "1", "b": "2"}
+    await recording.commit(
+        _step("s1", 1, {"a": "1", "b": "3", "gone": None}, before, stage="x", stage_before="x"), now=NOW
+    )
+    last = (await recording.history("s1"))[-1]
+    assert (last.changes, last.previous, last.stage_changed) == ({"b": "3"}, {"b": "2"}, False)
+
+
+async def test_a_clearing_commit_records_every_key_it_removed_with_its_value(recording: StateBackend) -> None:
+    await recording.commit(_step("s1", 0, {"a": "1", "b": "2", "c": "3"}, {}, stage="cart"), now=NOW)
+    await recording.commit(
+        _step("s1", 1, {"c": "30"}, {"a": "1", "b": "2", "c": "3"}, clear=True, stage=None, stage_before="cart"),
+        now=NOW,
+    )
+    last = (await recording.history("s1"))[-1]
+    assert last.changes == {"a": None, "b": None, "c": "30"}
+    assert last.previous == {"a": "1", "b": "2", "c": "3"}
+    assert (last.stage_changed, last.stage, last.previous_stage) == (True, None, "cart")
+
+
+async def test_a_commit_without_history_records_nothing(recording: StateBackend) -> None:
+    await _make(recording, "s1", {"a": "1"})
+    await recording.commit(Commit("s1", 1, {"a": "2"}, tool="t"), now=NOW)
+    assert await recording.history("s1") == []
+    await recording.commit(_step("s1", 2, {"a": "3"}, {"a": "2"}), now=NOW)
+    assert [c.version for c in await recording.history("s1")] == [3]
+
+
+async def test_history_keeps_the_last_n_checkpoints_per_session(recording: StateBackend) -> None:
+    await recording.commit(_step("s1", 0, {"n": "0"}, {}, history=3), now=NOW)
+    await recording.commit(_step("other", 0, {"n": "0"}, {}, history=3), now=NOW)
+    for v in range(1, 8):
+        await recording.commit(_step("s1", v, {"n": str(v)}, {"n": str(v - 1)}, history=3), now=NOW + v)
+    kept = await recording.history("s1")
+    assert [c.version for c in kept] == [6, 7, 8]
+    assert [c.changes for c in kept] == [{"n": "5"}, {"n": "6"}, {"n": "7"}]
+    assert [c.version for c in await recording.history("other")] == [1]
+    await recording.commit(_step("s1", 8, {"n": "8"}, {"n": "7"}, history=1), now=NOW)  # a smaller window prunes more
+    assert [c.version for c in await recording.history("s1")] == [9]
+
+
+async def test_a_conflicting_commit_records_no_checkpoint(recording: StateBackend) -> None:
+    await recording.commit(_step("s1", 0, {"n": "0"}, {}), now=NOW)
+    await recording.commit(_step("s1", 1, {"n": "1"}, {"n": "0"}), now=NOW)
+    with pytest.raises(ConflictError):
+        await recording.commit(_step("s1", 1, {"n": "9"}, {"n": "0"}), now=NOW)
+    with pytest.raises(ConflictError):
+        await recording.commit_all([_step("s2", 0, {"x": "1"}, {}), _step("s1", 1, {"n": "9"}, {"n": "0"})], now=NOW)
+    assert [c.version for c in await recording.history("s1")] == [1, 2]
+    assert await recording.history("s2") == []
+
+
+async def test_commit_all_records_a_checkpoint_for_each_session_it_writes(recording: StateBackend) -> None:
+    await recording.commit_all(
+        [_step("h:s", 0, {"a": "1"}, {}, tool="visit"), _step("global", 0, {"n": "1"}, {}, tool="visit")], now=NOW
+    )
+    await recording.commit_all(
+        [_step("h:s", 1, {"a": "2"}, {"a": "1"}, tool="visit"), _step("global", 1, {"n": "2"}, {"n": "1"})], now=NOW
+    )
+    assert [(c.version, c.changes) for c in await recording.history("h:s")] == [(1, {"a": "1"}), (2, {"a": "2"})]
+    assert [(c.version, c.tool) for c in await recording.history("global")] == [(1, "visit"), (2, "t")]
+
+
+async def test_history_goes_with_its_session(recording: StateBackend) -> None:
+    await recording.commit(_step("s1", 0, {"a": "1"}, {}, expires_at=NOW + 10), now=NOW)
+    await recording.commit(_step("s1", 1, {"a": "2"}, {"a": "1"}, expires_at=NOW + 10), now=NOW)
+    await recording.commit(_step("s2", 0, {"a": "1"}, {}), now=NOW)
+    # A new life of an expired id starts without its predecessor's checkpoints.
+    await recording.commit(_step("s1", 0, {"b": "1"}, {}), now=NOW + 20)
+    assert [(c.version, c.changes) for c in await recording.history("s1")] == [(1, {"b": "1"})]
+    assert await recording.delete("s1")
+    assert await recording.history("s1") == []
+    await recording.commit(_step("s3", 0, {"a": "1"}, {}, expires_at=NOW + 10), now=NOW)
+    assert await recording.clear_expired(now=NOW + 10) == 1
+    assert await recording.history("s3") == []
+    assert [c.version for c in await recording.history("s2")] == [1]
+
+
+async def test_checkpoints_survive_a_restart(durable_state_url: str) -> None:
+    async with backend_from_url(durable_state_url) as first:
+        await first.commit(_step("s1", 0, {"k": '"Zoë"'}, {}, tool="add", stage="cart"), now=NOW)
+    async with backend_from_url(durable_state_url) as second:
+        (only,) = await second.history("s1")
+    assert (only.version, only.at, only.tool, only.changes, only.stage) == (1, NOW, "add", {"k": '"Zoë"'}, "cart")
+
+
+async def test_a_store_made_before_history_existed_is_migrated_and_keeps_its_sessions(
+    durable_state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import concierge.state._sql as sql
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sql, "MIGRATIONS", MIGRATIONS[:1])
+        async with backend_from_url(durable_state_url) as old:  # the schema and data of a store before history
+            assert isinstance(old, SQLBackend)
+            async with old._transaction(write=True) as tx:
+                await tx.execute(
+                    "INSERT INTO concierge_sessions (id, version, created_at, updated_at) VALUES ('s1', 1, $1, $1)", NOW
+                )
+                await tx.execute("INSERT INTO concierge_values (session_id, key, value) VALUES ('s1', 'a', '1')")
+    async with backend_from_url(durable_state_url) as new:
+        assert await _applied_migrations(new) == list(range(1, len(MIGRATIONS) + 1))
+        assert await new.history("s1") == []
+        record = await new.load("s1", now=NOW)
+        assert record is not None and (record.version, record.values) == (1, {"a": "1"})
+        await new.commit(_step("s1", 1, {"a": "2"}, {"a": "1"}), now=NOW)
+        assert [(c.version, c.previous) for c in await new.history("s1")] == [(2, {"a": "1"})]
+
+
+async def test_a_backend_without_history_says_so() -> None:
+    from concierge.state.memory import MemoryBackend
+
+    class Minimal(MemoryBackend):
+        supports_history = False
+        history = StateBackend.history
+
+    with pytest.raises(NotImplementedError, match="Minimal does not record history"):
+        await Minimal().history("s1")

@@ -12,11 +12,15 @@ Layout:
   every commit checks and bumps in the same statement; `expires_at` is indexed
   for the sweep.
 - `concierge_values`: one row per (session, key); deleting a session cascades.
+- `concierge_history`: one row per checkpoint (session, version) of a commit
+  made with `Commit.history` > 0: the changed keys' new and previous JSON
+  text, as JSON objects, and the stage change; deleting a session cascades.
 - `concierge_migrations`: one row per applied step of `MIGRATIONS`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from abc import abstractmethod
@@ -27,7 +31,15 @@ from typing import Any, Protocol
 import anyio
 
 from concierge.errors import ConflictError, StateUnavailableError
-from concierge.state.base import UNCHANGED, Commit, SessionRecord, SessionSummary, StateBackend
+from concierge.state.base import (
+    UNCHANGED,
+    Commit,
+    SessionRecord,
+    SessionSummary,
+    StateBackend,
+    StoredCheckpoint,
+    checkpoint_of,
+)
 
 logger = logging.getLogger("concierge")
 
@@ -49,6 +61,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " key TEXT NOT NULL,"
         " value TEXT NOT NULL,"
         " PRIMARY KEY (session_id, key))",
+    ),
+    (
+        (
+            "CREATE TABLE concierge_history ("
+            " session_id TEXT NOT NULL REFERENCES concierge_sessions (id) ON DELETE CASCADE,"
+            " version BIGINT NOT NULL,"
+            " committed_at DOUBLE PRECISION NOT NULL,"
+            " tool TEXT,"
+            " changes TEXT NOT NULL,"
+            " previous TEXT NOT NULL,"
+            " stage_changed INTEGER NOT NULL,"
+            " stage TEXT,"
+            " previous_stage TEXT,"
+            " PRIMARY KEY (session_id, version))"
+        ),
     ),
 )
 
@@ -94,6 +121,18 @@ _PUT_VALUE = (
     " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value"
 )
 _DELETE = "DELETE FROM concierge_sessions WHERE id = $1"
+# Checkpoints: a new life of a session id starts without its predecessor's.
+_CLEAR_HISTORY = "DELETE FROM concierge_history WHERE session_id = $1"
+_PUT_CHECKPOINT = (
+    "INSERT INTO concierge_history"
+    " (session_id, version, committed_at, tool, changes, previous, stage_changed, stage, previous_stage)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+)
+_PRUNE_HISTORY = "DELETE FROM concierge_history WHERE session_id = $1 AND version <= $2"
+_HISTORY = (
+    "SELECT version, committed_at, tool, changes, previous, stage_changed, stage, previous_stage"
+    " FROM concierge_history WHERE session_id = $1 ORDER BY version"
+)
 # A renewal is activity too: `updated_at` moves forward (never back, whatever a caller's clock says).
 _TOUCH = (
     "UPDATE concierge_sessions SET expires_at = $3,"
@@ -136,6 +175,7 @@ class SQLBackend(StateBackend):
     _expired_ids_sql = "SELECT id FROM concierge_sessions WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2"
     #: The length of `v.value` in UTF-8 bytes (SQLite: a text cast to a blob keeps its UTF-8 bytes).
     _value_bytes_sql = "length(CAST(v.value AS BLOB))"
+    supports_history = True
 
     def __init__(self) -> None:
         self._open_lock = anyio.Lock()
@@ -222,6 +262,7 @@ class SQLBackend(StateBackend):
             if not await tx.execute(_CREATE, session_id, None, owner, now, expires_at):
                 raise ConflictError(f"session {session_id!r} already exists")
             await tx.execute(_CLEAR_VALUES, session_id)  # what an expired predecessor left
+            await tx.execute(_CLEAR_HISTORY, session_id)
 
     async def load(
         self,
@@ -263,6 +304,7 @@ class SQLBackend(StateBackend):
             if not await tx.execute(_CREATE, sid, stage, commit.owner, now, commit.expires_at):
                 raise ConflictError(f"session {sid!r} was created concurrently")
             await tx.execute(_CLEAR_VALUES, sid)
+            await tx.execute(_CLEAR_HISTORY, sid)
             version = 1
         else:
             if commit.stage is UNCHANGED:
@@ -284,7 +326,45 @@ class SQLBackend(StateBackend):
             await tx.executemany(_DELETE_VALUE, removed)
         if written:
             await tx.executemany(_PUT_VALUE, written)
+        if commit.history > 0:
+            await self._checkpoint(tx, commit, version, now)
         return version
+
+    @staticmethod
+    async def _checkpoint(tx: Tx, commit: Commit, version: int, now: float) -> None:
+        """Write the checkpoint of `commit` and prune what falls out of its `history` window."""
+        c = checkpoint_of(commit, version, now)
+        await tx.execute(
+            _PUT_CHECKPOINT,
+            commit.session_id,
+            version,
+            now,
+            c.tool,
+            _json(c.changes),
+            _json(c.previous),
+            int(c.stage_changed),
+            c.stage,
+            c.previous_stage,
+        )
+        if version > commit.history:
+            await tx.execute(_PRUNE_HISTORY, commit.session_id, version - commit.history)
+
+    async def history(self, session_id: str) -> list[StoredCheckpoint]:
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch(_HISTORY, session_id)
+        return [
+            StoredCheckpoint(
+                version=int(version),
+                at=at,
+                tool=tool,
+                changes=json.loads(changes),
+                previous=json.loads(previous),
+                stage_changed=bool(stage_changed),
+                stage=stage,
+                previous_stage=previous_stage,
+            )
+            for version, at, tool, changes, previous, stage_changed, stage, previous_stage in rows
+        ]
 
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         async with self._transaction(write=True) as tx:
@@ -354,6 +434,10 @@ class SQLBackend(StateBackend):
                 taken.append(_record(sid, await tx.fetch(_LOAD_ALL, sid, float("-inf"))))
                 await tx.execute(_DELETE, sid)
         return taken
+
+
+def _json(document: dict[str, str | None]) -> str:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
 def _record(session_id: str, rows: Sequence[Sequence[Any]]) -> SessionRecord:

@@ -17,7 +17,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["UNCHANGED", "Commit", "SessionRecord", "SessionSummary", "StateBackend"]
+__all__ = [
+    "UNCHANGED",
+    "Commit",
+    "SessionRecord",
+    "SessionSummary",
+    "StateBackend",
+    "StoredCheckpoint",
+    "checkpoint_of",
+]
 
 
 class _Unchanged:
@@ -93,6 +101,14 @@ class Commit:
         stage: the new stage, or `UNCHANGED`.
         owner: the principal recorded when the commit creates the session.
         expires_at: the new absolute expiry (epoch seconds), `None` = never.
+        tool: what made the commit (a tool's name), recorded in its checkpoint.
+        history: how many checkpoints to keep for the session, this commit's
+            included (older ones are pruned); 0 records none.
+        before: what the commit overwrites, for its checkpoint (only read when
+            `history` > 0): for every key in `changes` - and, with `clear`,
+            every key the session held - its JSON text at `expected_version`,
+            `None` when it was absent.
+        stage_before: the stage at `expected_version` (only read when `history` > 0).
     """
 
     session_id: str
@@ -102,6 +118,57 @@ class Commit:
     stage: str | None | _Unchanged = UNCHANGED
     owner: str | None = None
     expires_at: float | None = None
+    tool: str | None = None
+    history: int = 0
+    before: dict[str, str | None] = field(default_factory=dict)
+    stage_before: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    """What one commit changed, as `StateBackend.history` returns it (JSON text, as stored).
+
+    Attributes:
+        version: the version the commit brought the session to.
+        at: when it was committed (epoch seconds).
+        tool: what made it (`Commit.tool`).
+        changes: every key whose value it changed -> its new JSON text, `None` when deleted.
+        previous: the same keys -> their JSON text before it, `None` when absent.
+        stage_changed: whether it changed the stage.
+        stage: the new stage (`None` when unchanged or cleared).
+        previous_stage: the stage before it (`None` when unchanged).
+    """
+
+    version: int
+    at: float
+    tool: str | None
+    changes: dict[str, str | None]
+    previous: dict[str, str | None]
+    stage_changed: bool = False
+    stage: str | None = None
+    previous_stage: str | None = None
+
+
+def checkpoint_of(commit: Commit, version: int, now: float) -> StoredCheckpoint:
+    """The checkpoint `commit` records when it brings its session to `version`.
+
+    Only keys whose value actually changes are kept (with `clear`, that
+    includes every key the session held that the commit does not write again).
+    """
+    written = dict(commit.changes)
+    if commit.clear:
+        for key in commit.before:
+            written.setdefault(key, None)
+    changes: dict[str, str | None] = {}
+    previous: dict[str, str | None] = {}
+    for key, value in written.items():
+        old = commit.before.get(key)
+        if old != value:
+            changes[key], previous[key] = value, old
+    stage = commit.stage
+    if isinstance(stage, _Unchanged) or stage == commit.stage_before:
+        return StoredCheckpoint(version, now, commit.tool, changes, previous)
+    return StoredCheckpoint(version, now, commit.tool, changes, previous, True, stage, commit.stage_before)
 
 
 class StateBackend(ABC):
@@ -246,6 +313,25 @@ class StateBackend(ABC):
         raise NotImplementedError(
             f"{type(self).__name__} does not support listing sessions (StateBackend.list_sessions)"
         )
+
+    #: Whether the backend records checkpoints (`Commit.history`) and implements `history`.
+    supports_history: bool = False
+
+    async def history(self, session_id: str) -> list[StoredCheckpoint]:
+        """The checkpoints kept for a session, oldest first (empty when it has none or does not exist).
+
+        A commit with `history` > 0 records one in the same transaction as its
+        changes and prunes the session's checkpoints older than the last
+        `history` ones; they go with the session when it is deleted or expires.
+        The built-in memory, SQLite and PostgreSQL backends implement it (see
+        `supports_history`); another backend may not, in which case this
+        default raises `NotImplementedError`.
+
+        Raises:
+            NotImplementedError: this backend does not record history.
+            StateUnavailableError: the store could not be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not record history (StateBackend.history)")
 
     async def __aenter__(self) -> StateBackend:
         await self.open()

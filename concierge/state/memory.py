@@ -6,7 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from concierge.errors import ConflictError
-from concierge.state.base import UNCHANGED, Commit, SessionRecord, SessionSummary, StateBackend
+from concierge.state.base import (
+    UNCHANGED,
+    Commit,
+    SessionRecord,
+    SessionSummary,
+    StateBackend,
+    StoredCheckpoint,
+    checkpoint_of,
+)
 
 __all__ = ["MemoryBackend"]
 
@@ -20,6 +28,7 @@ class _Row:
     created_at: float
     updated_at: float
     values: dict[str, str] = field(default_factory=dict)
+    history: list[StoredCheckpoint] = field(default_factory=list)
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or self.expires_at > now
@@ -33,6 +42,7 @@ class MemoryBackend(StateBackend):
     """
 
     scheme = "memory"
+    supports_history = True
 
     def __init__(self) -> None:
         self._rows: dict[str, _Row] = {}
@@ -79,6 +89,10 @@ class MemoryBackend(StateBackend):
             row.expires_at = commit.expires_at
             row.updated_at = now
             row.version += 1
+            if commit.history > 0:
+                row.history.append(checkpoint_of(commit, row.version, now))
+                oldest = row.version - commit.history
+                row.history = [c for c in row.history if c.version > oldest]
             self._rows[commit.session_id] = row
             versions.append(row.version)
         return versions
@@ -99,6 +113,10 @@ class MemoryBackend(StateBackend):
                 f"session {commit.session_id!r} is at version {row.version}, expected {commit.expected_version}"
             )
         return row
+
+    async def history(self, session_id: str) -> list[StoredCheckpoint]:
+        row = self._rows.get(session_id)
+        return [] if row is None else list(row.history)
 
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         row = self._rows.get(session_id)

@@ -14,13 +14,13 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
 
 from concierge.errors import ConfigurationError, StateUnavailableError
-from concierge.state import redact_url
+from concierge.state import redact_url, url_secrets
 from concierge.state._sql import SQLBackend, Tx
 from concierge.state.base import UNCHANGED, Commit
 
@@ -114,7 +114,7 @@ class PostgresBackend(SQLBackend):
         self._pool: asyncpg.Pool | None = None
         self.location = _location(dsn)
         self._shown = _display(dsn)
-        self._secrets = _secrets(dsn)
+        self._secrets = url_secrets(dsn)
 
     @classmethod
     def from_url(cls, url: str) -> PostgresBackend:
@@ -180,8 +180,11 @@ class PostgresBackend(SQLBackend):
             pool.terminate()
 
     async def commit(self, commit: Commit, *, now: float) -> int:
-        """As `StateBackend.commit`; an update of a live session is one statement, one round trip."""
-        if commit.expected_version == 0 or commit.clear:
+        """As `StateBackend.commit`; an update of a live session is one statement, one round trip.
+
+        A creation, a clear or a commit that records a checkpoint takes the general path.
+        """
+        if commit.expected_version == 0 or commit.clear or commit.history > 0:
             return await super().commit(commit, now=now)
         removed = [key for key, value in commit.changes.items() if value is None]
         written = [(key, value) for key, value in commit.changes.items() if value is not None]
@@ -240,16 +243,6 @@ def _display(dsn: str) -> str:
     except ValueError:
         return "<unparseable URL>"
     return redact_url(urlunsplit(parts._replace(query="", fragment="")))
-
-
-def _secrets(dsn: str) -> set[str]:
-    """Every spelling of the DSN's password(s), to scrub from driver messages."""
-    try:
-        parts = urlsplit(dsn)
-        found = [parts.password or "", *parse_qs(parts.query).get("password", [])]
-    except ValueError:
-        return set()
-    return {s for p in found if p for s in (p, unquote(p))}
 
 
 def _location(dsn: str) -> str:
