@@ -30,7 +30,6 @@ from types import ModuleType
 from typing import Any
 
 import anyio
-
 from mcp.server.mcpserver import MCPServer
 
 from concierge.errors import ConfigurationError, StateUnavailableError

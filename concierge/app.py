@@ -8,7 +8,6 @@ results with the session handle where the wire has no session of its own.
 
 from __future__ import annotations
 
-import dis
 import functools
 import inspect
 import json
@@ -459,6 +458,8 @@ class Concierge(MCPServer[Any]):
     def _learn(self, key: str, scopes: set[str]) -> None:
         """Remember that the code under `key` uses these shared scopes: they are loaded before it runs."""
         self._scopes.setdefault(key, set()).update(scopes)
+        if key == _END:  # terminate_session runs the end hooks inside its own call
+            self._scopes.setdefault("tool:" + TERMINATE, set()).update(scopes)
 
     def _scopes_of(self, key: str) -> set[str]:
         return self._scopes.get(key, set())
@@ -820,8 +821,6 @@ class Concierge(MCPServer[Any]):
         # A first call that fails creates nothing, so it hands out no handle.
         unsaved = self._with_handle if not identity.is_new else lambda result, _: result
         key = "tool:" + name
-        if name == TERMINATE:
-            self._learn(key, self._scopes_of(_END))
         try:
             result, unit = await self._in_unit(
                 identity,
@@ -1007,11 +1006,7 @@ def _scopes_named_in(fn: Callable[..., Any]) -> set[str]:
                 constants.add(const)
             elif isinstance(const, tuple):
                 constants.update(c for c in const if isinstance(c, str))
-        if (
-            "scope" in constants
-            or "scope" in current.co_names
-            or any(i.argval == "scope" for i in dis.get_instructions(current) if i.opname == "KW_NAMES")
-        ):
+        if "scope" in constants or "scope" in current.co_names:  # keyword names are constant tuples
             found.update(s for s in SHARED_SCOPES if s in constants)
     return found
 

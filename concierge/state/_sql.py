@@ -38,6 +38,7 @@ from concierge.state.base import (
     SessionSummary,
     StateBackend,
     StoredCheckpoint,
+    check_page,
     checkpoint_of,
 )
 
@@ -311,7 +312,11 @@ class SQLBackend(StateBackend):
                 bumped = await tx.execute(_BUMP.format(stage=""), sid, now, commit.expected_version, commit.expires_at)
             else:
                 bumped = await tx.execute(
-                    _BUMP.format(stage=", stage = $5"), sid, now, commit.expected_version, commit.expires_at,
+                    _BUMP.format(stage=", stage = $5"),
+                    sid,
+                    now,
+                    commit.expected_version,
+                    commit.expires_at,
                     commit.stage,
                 )
             if not bumped:
@@ -380,8 +385,7 @@ class SQLBackend(StateBackend):
         offset: int = 0,
     ) -> list[SessionSummary]:
         """As `StateBackend.list_sessions`: one statement; `size` counts UTF-8 bytes in every dialect."""
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit and offset must not be negative (got limit={limit}, offset={offset})")
+        check_page(limit, offset)
         args: list[Any] = [limit, offset]
         where = []
         if not include_expired:

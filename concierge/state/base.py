@@ -149,6 +149,12 @@ class StoredCheckpoint:
     previous_stage: str | None = None
 
 
+def check_page(limit: int, offset: int) -> None:
+    """Refuse a negative page bound of `list_sessions` (every backend checks the same way)."""
+    if limit < 0 or offset < 0:
+        raise ValueError(f"limit and offset must not be negative (got limit={limit}, offset={offset})")
+
+
 def checkpoint_of(commit: Commit, version: int, now: float) -> StoredCheckpoint:
     """The checkpoint `commit` records when it brings its session to `version`.
 

@@ -13,6 +13,7 @@ from concierge.state.base import (
     SessionSummary,
     StateBackend,
     StoredCheckpoint,
+    check_page,
     checkpoint_of,
 )
 
@@ -139,7 +140,9 @@ class MemoryBackend(StateBackend):
         taken = []
         for sid in [sid for sid, row in self._rows.items() if not row.live(now)][:limit]:
             row = self._rows.pop(sid)
-            taken.append(SessionRecord(sid, row.version, row.values, row.stage, row.owner, row.expires_at, row.created_at))
+            taken.append(
+                SessionRecord(sid, row.version, row.values, row.stage, row.owner, row.expires_at, row.created_at)
+            )
         return taken
 
     async def list_sessions(
@@ -151,8 +154,7 @@ class MemoryBackend(StateBackend):
         limit: int = 50,
         offset: int = 0,
     ) -> list[SessionSummary]:
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit and offset must not be negative (got limit={limit}, offset={offset})")
+        check_page(limit, offset)
         found = [
             SessionSummary(
                 session_id=sid,

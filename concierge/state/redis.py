@@ -45,7 +45,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from concierge.errors import ConfigurationError, ConflictError, StateUnavailableError
 from concierge.state import redact_url, url_secrets
-from concierge.state.base import Commit, SessionRecord, SessionSummary, StateBackend
+from concierge.state.base import Commit, SessionRecord, SessionSummary, StateBackend, check_page
 
 __all__ = ["DEFAULT_PREFIX", "RedisBackend"]
 
@@ -384,8 +384,7 @@ class RedisBackend(StateBackend):
         offset: int = 0,
     ) -> list[SessionSummary]:
         """As `StateBackend.list_sessions`, walking the `sessions` index; not one snapshot of the store."""
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit and offset must not be negative (got limit={limit}, offset={offset})")
+        check_page(limit, offset)
         found: list[SessionSummary] = []
         chunk, position, skip = min(max(offset + limit, 100), 1000), 0, offset
         async with self._redis() as client:
