@@ -42,7 +42,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from concierge import history as _history
 from concierge import sessions
-from concierge._sdk import connection_of
+from concierge._sdk import connection_of, enable_roaming
 from concierge.errors import (
     ConfigurationError,
     ConflictError,
@@ -52,6 +52,7 @@ from concierge.errors import (
     UnknownSessionError,
 )
 from concierge.live import LiveObjects
+from concierge.roaming import Roaming
 from concierge.sessions import HANDLE_META_KEY, HANDLE_PREFIX, Identity
 from concierge.stages import StageGraph
 from concierge.state import ENV_STATE_URL, SessionRecord, StateBackend, backend_from_url
@@ -150,6 +151,14 @@ class Concierge(MCPServer[Any]):
         history: checkpoints kept per session (default 0: history is off).
             Each committed call records one (its tool and changed keys); the
             oldest are pruned. See `history()` and `revert()`.
+        roaming: whether a legacy streamable-HTTP session (`mcp-session-id`)
+            outlives the process that opened it: it is recorded in the store
+            at `initialize`, and any process sharing the store serves that id
+            again - after a restart, or on another replica without sticky
+            sessions. Default: on with a persistent store (SQLite, PostgreSQL,
+            Redis), off with memory. Such a session ends when the client
+            deletes it (HTTP DELETE) or when it expires, not when a process
+            stops or the SDK's idle timeout drops its transport.
     """
 
     def __init__(
@@ -166,6 +175,7 @@ class Concierge(MCPServer[Any]):
         keep_closed_sessions: bool = True,
         max_live_objects: int = 1024,
         history: int = 0,
+        roaming: bool | None = None,
         lifespan: Callable[[Any], AbstractAsyncContextManager[Any]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -205,6 +215,8 @@ class Concierge(MCPServer[Any]):
         self._sweeping = False
         self._live = LiveObjects(max_live_objects, self._store.clock)
         self._lifespans = 0
+        roams = backend.persistent if roaming is None else bool(roaming)
+        self._roaming = Roaming(self._store, self._close_session) if roams else None
         super().__init__(name, *args, lifespan=self._lifespan, **kwargs)
         self.middleware.append(self._middleware)
         self._add_builtin_tools()
@@ -371,14 +383,17 @@ class Concierge(MCPServer[Any]):
         async with self._store.opened():
             backend = self._store.backend
             now = self._store.clock()
-            if not self._end_hooks:
+            if not self._end_hooks and self._roaming is None:
                 return await backend.clear_expired(now=now)
             swept = 0
             while batch := await backend.take_expired(now=now, limit=100):
                 for record in batch:
                     self._store.forget(record.session_id)
-                    await self._end_outside_request(record.session_id, "expired", record)
+                    if self._end_hooks:
+                        await self._end_outside_request(record.session_id, "expired", record)
                     await self._live.end_session(record.session_id)
+                    if self._roaming is not None:
+                        await self._roaming.forget(record.session_id)
                 swept += len(batch)
             return swept
 
@@ -509,6 +524,16 @@ class Concierge(MCPServer[Any]):
                 if swept:
                     logger.info("concierge: swept %d expired session(s)", swept)
 
+    def streamable_http_app(self, **kwargs: Any) -> Any:
+        """`MCPServer.streamable_http_app`, with legacy sessions that roam (see `roaming=`).
+
+        Every keyword argument passes through; the SDK's defaults apply.
+        """
+        app = super().streamable_http_app(**kwargs)
+        if self._roaming is not None and not kwargs.get("stateless_http", False):
+            enable_roaming(self.session_manager, self._roaming)
+        return app
+
     async def run_stdio_async(self) -> None:
         """Serve over stdio: one session for the life of the process."""
         token = sessions.process_session.set(sessions.new_handle())
@@ -578,7 +603,32 @@ class Concierge(MCPServer[Any]):
             tools = result.get("capabilities", {}).get("tools")
             if isinstance(tools, dict):
                 tools["listChanged"] = True  # stages change the tool list per session
+            if self._roaming is not None:
+                with _as_protocol_error():
+                    await self._record_wire_session(ctx, result)
         return result
+
+    async def _record_wire_session(self, ctx: ServerRequestContext[Any, Any], result: dict[str, Any]) -> None:
+        """Record a new legacy streamable-HTTP session so any process sharing the store can serve it.
+
+        Runs inside `initialize`, before the response carrying the session id is
+        sent, so a client never holds an id the store does not know. The
+        session's state is created here too (its start hooks run now), and it
+        expires and renews like any session; `roaming.Roaming.find` needs both.
+        """
+        assert self._roaming is not None
+        session_id = connection_of(ctx).session_id
+        version = result.get("protocolVersion")
+        if not session_id or ctx.request is None or not isinstance(version, str):
+            return  # not a streamable-HTTP session: nothing can roam
+        owner = sessions.principal()
+        identity = Identity(session_id="http:" + session_id, via_handle=False, owner=owner)
+
+        async def run(unit: UnitOfWork) -> None:
+            return None
+
+        await self._in_unit(identity, _START, run, user=lambda unit: sessions.user_of(ctx, owner), persist=True)
+        await self._roaming.record(session_id, owner, version, dict(ctx.params or {}))
 
     def _error(self, ctx: ServerRequestContext[Any, Any], message: str) -> dict[str, Any]:
         """A `tools/call` error result in its wire form, for calls refused before the tool runs."""
@@ -630,6 +680,7 @@ class Concierge(MCPServer[Any]):
         user: Callable[[UnitOfWork], str | None],
         keep: Callable[[Any], bool] = lambda result: True,
         load: Callable[[], Awaitable[UnitOfWork | None]] | None = None,
+        persist: bool = False,
     ) -> tuple[Any, UnitOfWork | None]:
         """Run `run(unit)` in a unit of work on the identity's session, and commit it if `keep(result)`.
 
@@ -660,7 +711,7 @@ class Concierge(MCPServer[Any]):
                     unit.owner = identity.owner
                     # A session that was started (hooks ran, a handle was handed out) must exist.
                     unit.must_persist = (
-                        identity.via_handle or bool(self._start_hooks) or self._initial_state is not None
+                        persist or identity.via_handle or bool(self._start_hooks) or self._initial_state is not None
                     )
                 scopes = self._scopes_of(key) | (self._scopes_of(_START) if new else set())
                 async with AsyncExitStack() as stack:
@@ -771,6 +822,8 @@ class Concierge(MCPServer[Any]):
             await self._live.end_session(session_id)
             if not self._keep_closed:
                 await self._store.delete(session_id)
+                if self._roaming is not None:
+                    await self._roaming.forget(session_id)
         except Exception:
             logger.warning("concierge: ending closed session %r failed", session_id, exc_info=True)
 
@@ -782,6 +835,11 @@ class Concierge(MCPServer[Any]):
         if connection.state.get(_CLOSE_REGISTERED) == session_id:
             return
         connection.state[_CLOSE_REGISTERED] = session_id
+        if self._roaming is not None and session_id.startswith("http:"):
+            # A roaming session outlives its connection here (a restart, the SDK's idle timeout, another
+            # replica): only what this process holds for it ends now; an HTTP DELETE ends the session.
+            connection.exit_stack.push_async_callback(self._live.end_session, session_id)
+            return
         connection.exit_stack.push_async_callback(self._close_session, session_id)
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:

@@ -41,6 +41,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import anyio
 
 from concierge.errors import ConfigurationError, StateUnavailableError
+from concierge.roaming import companion
 from concierge.state import ENV_STATE_URL, StateBackend, backend_from_url
 from concierge.state.base import SessionRecord, SessionSummary
 
@@ -359,11 +360,20 @@ async def _delete(backend: StateBackend, args: argparse.Namespace, now: float) -
     sid = found.record.session_id
     if not await backend.delete(sid):  # deleted by someone else in between
         raise _Failure(f"no session {sid!r} in this store")
+    wire = companion(sid)
+    if wire is not None:  # a legacy HTTP session: its id must not be served again after a restart
+        await backend.delete(wire)
     return _dumps({"deleted": sid}) if args.json else f"deleted {sid}\n"
 
 
 async def _purge(backend: StateBackend, args: argparse.Namespace, now: float) -> str:
-    count = await backend.clear_expired(now=now)
+    count = 0
+    while batch := await backend.take_expired(now=now, limit=500):
+        count += len(batch)
+        for record in batch:
+            wire = companion(record.session_id)
+            if wire is not None:
+                await backend.delete(wire)
     if args.json:
         return _dumps({"purged": count})
     return f"purged {count} expired session{'' if count == 1 else 's'}\n"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextvars
 import getpass
-import json
 import os
 import re
 import secrets
@@ -27,11 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.auth.provider import principal_components
 from mcp.server.context import ServerRequestContext
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from concierge._sdk import connection_of
+from concierge._sdk import connection_of, principal_string
 
 __all__ = [
     "HANDLE_META_KEY",
@@ -63,7 +61,7 @@ def principal() -> str | None:
     token = get_access_token()
     if token is None:
         return None
-    return json.dumps(list(principal_components(token)), separators=(",", ":"))
+    return principal_string(token)
 
 
 NO_USER = (

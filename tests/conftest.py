@@ -287,6 +287,26 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return fresh_postgres_database(admin)
 
 
+def _shared_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    if kind == "redis":
+        return fresh_redis_url(request.getfixturevalue("redis_server"), request)
+    return fresh_postgres_database(request.getfixturevalue("postgres_server"))
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def persistent_state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store on every backend that outlives a server process."""
+    return _shared_store(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["postgres", "redis"])
+def networked_state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store on every backend that server processes on several machines can share."""
+    return _shared_store(request.param, request, tmp_path)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def durable_state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A state URL naming a fresh, empty store on each backend that survives a restart."""

@@ -6,16 +6,19 @@ before concierge can be trusted to keep sessions apart.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+import anyio
 import pytest
 from mcp.client import Client
 from mcp.server.connection import Connection
 from mcp.server.context import CallNext, ServerRequestContext
 from mcp.server.session import ServerSession
+from mcp.server.streamable_http import StreamableHTTPServerTransport
 
 from concierge import Concierge
-from concierge._sdk import SDK_CHECKED, connection_of
+from concierge._sdk import _MANAGER_INTERNALS, SDK_CHECKED, connection_of, enable_roaming
 
 pytestmark = pytest.mark.anyio
 
@@ -78,3 +81,34 @@ async def test_connection_of_fails_loudly_without_the_private_attribute() -> Non
     ctx = ServerRequestContext(session=Bare(), lifespan_context={}, protocol_version="2025-11-25", method="x")  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="_connection"):
         connection_of(ctx)
+
+
+# -- roaming (enable_roaming) --------------------------------------------------------------------
+def test_session_manager_still_has_what_roaming_uses() -> None:
+    # mcp 2.3.0: enable_roaming registers transports in these private fields and wraps _handle_request.
+    app = Concierge("adapter", state_url="memory://", roaming=True)
+    app.streamable_http_app()
+    manager = app.session_manager
+    missing = [name for name in _MANAGER_INTERNALS if not hasattr(manager, name)]
+    assert not missing, f"checked against mcp {SDK_CHECKED}"
+    assert isinstance(manager._server_instances, dict)
+    assert isinstance(manager._session_owners, dict)
+    assert isinstance(manager._session_creation_lock, anyio.Lock)
+    assert callable(manager._handle_request) and callable(manager._discard_session)
+    assert manager.asgi_app.app.__qualname__.endswith("enable_roaming.<locals>.handle"), "roaming is not installed"
+    params = inspect.signature(StreamableHTTPServerTransport).parameters
+    assert {"mcp_session_id", "idle_timeout", "retry_interval", "event_store"} <= set(params)
+
+
+def test_enable_roaming_fails_loudly_when_the_manager_changed() -> None:
+    class Changed:
+        stateless = False
+
+    with pytest.raises(RuntimeError, match="roaming=False"):
+        enable_roaming(Changed(), None)  # type: ignore[arg-type]
+
+
+def test_roaming_is_on_by_default_only_with_a_persistent_store(tmp_path: Any) -> None:
+    assert Concierge("m", state_url="memory://")._roaming is None
+    assert Concierge("s", state_url=f"sqlite:///{tmp_path}/s.db")._roaming is not None
+    assert Concierge("off", state_url=f"sqlite:///{tmp_path}/s.db", roaming=False)._roaming is None

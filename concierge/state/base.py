@@ -187,6 +187,8 @@ class StateBackend(ABC):
 
     #: URL scheme(s) this backend serves, for messages.
     scheme: str = ""
+    #: Whether sessions outlive the process (and can be shared by several processes).
+    persistent: bool = True
 
     async def open(self) -> None:
         """Connect and apply migrations. Called once at server start; idempotent.

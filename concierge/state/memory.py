@@ -43,6 +43,7 @@ class MemoryBackend(StateBackend):
     """
 
     scheme = "memory"
+    persistent = False
     supports_history = True
 
     def __init__(self) -> None:

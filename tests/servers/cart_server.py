@@ -3,7 +3,7 @@
 Run by file path:
 
     python tests/servers/cart_server.py stdio
-    python tests/servers/cart_server.py streamable-http PORT [--stateless]
+    python tests/servers/cart_server.py streamable-http PORT [--stateless] [--no-roaming]
     python tests/servers/cart_server.py sse PORT
 
 The state store comes from `CONCIERGE_STATE_URL` (memory when unset). Every
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import anyio
 
 from concierge import Concierge
 
-app = Concierge("cart-server")
+# `--no-roaming` turns off serving legacy HTTP session ids across restarts (tests/test_roaming.py).
+app = Concierge("cart-server", roaming=False if "--no-roaming" in sys.argv else None)
 
 
 @app.tool()
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("transport", choices=["stdio", "sse", "streamable-http"])
     parser.add_argument("port", type=int, nargs="?", default=0)
     parser.add_argument("--stateless", action="store_true")
+    parser.add_argument("--no-roaming", action="store_true")
     args = parser.parse_args()
     if args.transport == "stdio":
         app.run()

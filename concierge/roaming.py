@@ -1,0 +1,110 @@
+"""Legacy streamable-HTTP sessions that survive restarts and roam across replicas.
+
+On the handshake-era wire a streamable-HTTP session is named by the
+`mcp-session-id` the server minted at `initialize`, and the SDK keeps it only in
+the memory of the process that minted it. With a persistent store concierge
+records each such session when it is initialized:
+
+- `wire:<id>`: the negotiated protocol version and the client's `initialize`
+  parameters, owned by the caller's principal; it never expires on its own.
+- `http:<id>`: the session's state, created at that moment (so its start hooks
+  and `initial_state` run then), which expires and renews like any session.
+
+A process that receives a request for an id it does not hold asks `find`: the
+id is served again (see `concierge._sdk.enable_roaming`) only when both records
+exist, the state is live and the caller is the principal that initialized it.
+An HTTP DELETE ends the session for good (`ended` deletes the wire record); an
+expired session's wire record goes when the sweep deletes its state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from concierge._sdk import WireSession
+from concierge.errors import ConflictError
+from concierge.state.base import Commit
+from concierge.work import SessionStore
+
+__all__ = ["HTTP_PREFIX", "WIRE_PREFIX", "Roaming", "companion"]
+
+logger = logging.getLogger("concierge")
+
+HTTP_PREFIX = "http:"
+WIRE_PREFIX = "wire:"
+_VERSION = "protocol_version"
+_CLIENT = "client"
+
+
+def companion(storage_id: str) -> str | None:
+    """The wire record that goes with a legacy HTTP session's state (`None` for other sessions)."""
+    if storage_id.startswith(HTTP_PREFIX):
+        return WIRE_PREFIX + storage_id.removeprefix(HTTP_PREFIX)
+    return None
+
+
+class Roaming:
+    """The store side of roaming: record, find and end legacy HTTP sessions.
+
+    Args:
+        store: the app's session store (open while the server runs).
+        closed: ends a session whose client deleted it (end hooks with reason
+            "closed", live objects, `keep_closed_sessions`); given the
+            session's storage id.
+    """
+
+    def __init__(self, store: SessionStore, closed: Callable[[str], Awaitable[None]]) -> None:
+        self._store = store
+        self._closed = closed
+
+    async def record(
+        self, session_id: str, owner: str | None, protocol_version: str, client_params: dict[str, Any]
+    ) -> None:
+        """Record what session `session_id` negotiated (its state is created by the caller)."""
+        values = {
+            _VERSION: json.dumps(protocol_version),
+            _CLIENT: json.dumps(client_params, separators=(",", ":")),
+        }
+        commit = Commit(WIRE_PREFIX + session_id, 0, changes=dict(values), owner=owner, expires_at=None)
+        try:
+            await self._store.backend.commit(commit, now=self._store.clock())
+        except ConflictError:
+            # Only a replayed initialize on the same id gets here; the first record stands.
+            logger.debug("concierge: session %s was already recorded", session_id[:64])
+
+    async def find(self, session_id: str, principal: str | None) -> WireSession | None:
+        """The recorded session, if it is live and `principal` initialized it; else `None` (the SDK's 404)."""
+        backend = self._store.backend
+        now = self._store.clock()
+        wire = await backend.load(WIRE_PREFIX + session_id, now=now)
+        if wire is None or wire.owner != principal or wire.values is None:
+            return None
+        state = await backend.load(HTTP_PREFIX + session_id, now=now)
+        if state is None:
+            return None  # expired (or deleted): never revived
+        try:
+            version = json.loads(wire.values[_VERSION])
+            client = json.loads(wire.values[_CLIENT])
+        except (KeyError, ValueError):
+            logger.warning("concierge: the wire record of session %s is damaged", session_id[:64])
+            return None
+        if not isinstance(version, str) or not isinstance(client, dict):
+            return None
+        return WireSession(protocol_version=version, client_params=client)
+
+    async def ended(self, session_id: str) -> None:
+        """The client deleted session `session_id`: it can never be resumed, then it is closed."""
+        try:
+            await self._store.backend.delete(WIRE_PREFIX + session_id)
+        except Exception:
+            logger.warning("concierge: forgetting deleted session %s failed", session_id[:64], exc_info=True)
+        await self._closed(HTTP_PREFIX + session_id)
+
+    async def forget(self, storage_id: str) -> None:
+        """A session's state was deleted (expired, or closed without keeping it): drop its wire record too."""
+        wire = companion(storage_id)
+        if wire is not None:
+            await self._store.backend.delete(wire)
