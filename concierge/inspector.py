@@ -58,7 +58,9 @@ SESSION_PREFIXES = ("h:", "http:", "sse:", "stdio:", "conn:")
 USER_PREFIX = "user:"
 GLOBAL_ID = "global"
 HANDLE_PREFIX = "h:"
-SCOPES = ("session", "user", "global")
+WIRE_PREFIX = "wire:"
+#: "wire" records hold what a legacy HTTP session negotiated, so another process can serve it (roaming).
+SCOPES = ("session", "user", "global", "wire")
 
 #: How many summaries one backend call fetches when a filter is applied here, not in the store.
 _BATCH = 500
@@ -73,9 +75,12 @@ class _Failure(Exception):
 
 
 def scope_of(session_id: str) -> str:
-    """`"user"` for a `user:<principal>` bucket, `"global"` for the global bucket, else `"session"`."""
+    """`"user"` for a `user:<principal>` bucket, `"global"` for the global bucket, `"wire"` for a
+    legacy HTTP session's wire record, else `"session"`."""
     if session_id.startswith(USER_PREFIX):
         return "user"
+    if session_id.startswith(WIRE_PREFIX):
+        return "wire"
     if session_id == GLOBAL_ID:
         return "global"
     return "session"
@@ -281,8 +286,8 @@ async def _select(
 async def _list(backend: StateBackend, args: argparse.Namespace, now: float) -> str:
     prefix: str | None = args.prefix or None
     conditions: list[Callable[[SessionSummary], bool]] = []
-    if args.scope == "user" and prefix is None:
-        prefix = USER_PREFIX  # the store filters; nothing left to check here
+    if args.scope in ("user", "wire") and prefix is None:
+        prefix = USER_PREFIX if args.scope == "user" else WIRE_PREFIX  # the store filters; nothing left here
     elif args.scope == "global" and prefix is None:
         prefix = GLOBAL_ID
         conditions.append(lambda s: s.session_id == GLOBAL_ID)
@@ -516,7 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="list sessions, newest activity first",
         description="List sessions, newest activity first: id, scope, stage, keys, size, last activity, expiry.",
     )
-    listing.add_argument("--scope", choices=SCOPES, help="only sessions, only user buckets, or only the global bucket")
+    listing.add_argument(
+        "--scope",
+        choices=SCOPES,
+        help="only sessions, user buckets, the global bucket, or wire records (what a legacy HTTP session negotiated)",
+    )
     listing.add_argument("--prefix", metavar="PREFIX", help="only ids starting with PREFIX (e.g. h: or http:)")
     listing.add_argument("--stage", metavar="STAGE", help="only sessions in STAGE")
     listing.add_argument(

@@ -17,6 +17,8 @@ from __future__ import annotations
 import itertools
 import json
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -276,7 +278,9 @@ async def test_delete_reaching_another_process_ends_the_session_everywhere(persi
             assert (await raw_post(url, session_id)).status_code == 404
 
 
-async def test_expired_session_is_404_after_a_restart(persistent_state_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_expired_session_is_404_after_a_restart(
+    persistent_state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CONCIERGE_SESSION_TTL", "1")
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
@@ -333,3 +337,29 @@ async def test_store_down_answers_503_not_404() -> None:
                 )
     assert response.status_code == 503, response.text
     assert "unavailable" in response.json()["error"]["message"]
+
+
+async def test_inspector_lists_wire_records_and_deleting_a_session_ends_its_roaming(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path}/state.db"
+    port = free_port()
+    server_url = f"http://127.0.0.1:{port}/mcp"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "concierge", "sessions", *args, "--url", url]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+    with anyio.fail_after(LIMIT):
+        async with AsyncExitStackWithServers() as servers:
+            servers.start(cart(url, port))
+            async with legacy_client(server_url) as (client, wire):
+                await client.call_tool("add_to_cart", {"item": "x"})
+                session_id = wire.session_id
+                assert session_id is not None
+                servers.kill_all()
+                listed = json.loads(cli("list", "--scope", "wire", "--json").stdout)
+                assert [row["session_id"] for row in listed] == [f"wire:{session_id}"]
+                deleted = cli("delete", f"http:{session_id}")
+                assert deleted.returncode == 0, deleted.stderr
+                assert json.loads(cli("list", "--scope", "wire", "--json").stdout) == []
+                servers.start(cart(url, port))
+                assert (await raw_post(server_url, session_id)).status_code == 404
