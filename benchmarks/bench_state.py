@@ -1,7 +1,7 @@
 """What per-session state costs a tool call, per backend.
 
-    python benchmarks/bench_state.py [--calls N] [--rounds R] [--backends memory,sqlite,postgres]
-                                     [--postgres-url URL] [--sessions 1000,1000000] [--keys 1000]
+    python benchmarks/bench_state.py [--calls N] [--rounds R] [--backends memory,sqlite,postgres,redis]
+                                     [--postgres-url URL] [--redis-url URL] [--sessions 1000,1000000] [--keys 1000]
                                      [--skip throughput,sessions,keys] [--transports inprocess,http]
                                      [--sqlite-synchronous normal|full]
 
@@ -20,7 +20,10 @@ Three measurements, each through the SDK's in-process `mcp.client.Client(app)`:
    ratio is closer to what a deployed server sees.
 2. sessions: per-call latency of that tool when the store holds 1k sessions vs
    1M (pre-populated beforehand: memory through the backend's `commit`,
-   SQLite and Postgres with bulk SQL; one small key per session).
+   SQLite and Postgres with bulk SQL, Redis with a Lua script that writes the
+   backend's own key layout - metadata and values hashes with their TTLs, the
+   expiry and activity indexes - 10,000 sessions per run; one small key per
+   session).
 3. keys: a call touching one key of a session that holds 1,000 keys vs one of
    a 1-key session.
 
@@ -36,6 +39,11 @@ dropped on it), else a throwaway server is started the way the tests do it
 runs with fsync off, so its numbers are an upper bound for a durable server.
 SQLite runs with the backend's default `synchronous=normal` (no fsync per
 commit) unless `--sqlite-synchronous full` is given.
+Redis: `--redis-url` (an existing server; each store gets a key prefix of its
+own, `bench-<random>:`, whose keys are deleted after the run; nothing is
+flushed), else a throwaway `redis-server` is started the way the tests do it
+(`tests/conftest.py`); that server keeps nothing on disk (no RDB, no AOF), so
+its numbers are an upper bound for a server with persistence.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from mcp.client import Client
 from mcp.server.mcpserver import MCPServer
@@ -68,7 +77,7 @@ from concierge.state import Commit, StateBackend
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLE_KEY = "concierge/session_id"
-ALL_BACKENDS = ("memory", "sqlite", "postgres")
+ALL_BACKENDS = ("memory", "sqlite", "postgres", "redis")
 ALL_TRANSPORTS = ("inprocess", "http")
 DAY = 86_400.0
 MODERN = "2026-07-28"
@@ -245,38 +254,109 @@ async def http_server(role: str, state_url: str | None, tmp: Path) -> AsyncItera
 
 
 # -- stores ---------------------------------------------------------------------------
+def _tests_conftest() -> Any:
+    """`tests/conftest.py` as a module: the throwaway servers the tests start."""
+    spec = importlib.util.spec_from_file_location("concierge_tests_conftest", REPO / "tests" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    return conftest
+
+
+def _with_prefix(url: str, prefix: str | None) -> str:
+    """A Redis URL with its `prefix=` query parameter replaced by `prefix` (removed when `None`)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "prefix"]
+    if prefix is not None:
+        query.append(("prefix", prefix))
+    return parts._replace(query=urlencode(query)).geturl()
+
+
+# KEYS: expiry, sessions. ARGV: prefix, first, last, now, -now, expires_at, TTL ms of the metadata,
+# of the values. Sessions `bench:<first>` .. `bench:<last>` exactly as `RedisBackend` commits them at
+# version 1 (see concierge/state/redis.py), so the backend sees real sessions.
+_REDIS_POPULATE = """
+local prefix = ARGV[1]
+for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
+  local id = 'bench:' .. i
+  local meta, vals = prefix .. 's:' .. id, prefix .. 'v:' .. id
+  redis.call('HSET', meta, 'version', '1', 'created_at', ARGV[4], 'updated_at', ARGV[4], 'expires_at', ARGV[6])
+  redis.call('PEXPIRE', meta, ARGV[7])
+  redis.call('HSET', vals, 'count', tostring(i))
+  redis.call('PEXPIRE', vals, ARGV[8])
+  redis.call('ZADD', KEYS[1], ARGV[6], id)
+  redis.call('ZADD', KEYS[2], ARGV[5], id)
+end
+return 0
+"""
+_REDIS_BATCH = 10_000  # sessions per script run: none blocks the server for long
+
+
 class Stores:
     """Fresh, empty stores per backend, and the bulk pre-population of sessions."""
 
-    def __init__(self, postgres_url: str | None, sqlite_synchronous: str = "normal") -> None:
+    def __init__(
+        self, postgres_url: str | None, sqlite_synchronous: str = "normal", redis_url: str | None = None
+    ) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="concierge-bench-"))
         self.sqlite_synchronous = sqlite_synchronous
         self._postgres_admin = postgres_url
         self._postgres_server: Any = None
         self._databases: list[str] = []
+        self._redis_url = None if redis_url is None else _with_prefix(redis_url, None)
+        self._redis_server: Any = None
+        self._redis_client: Any = None
+        self._redis_prefixes: list[str] = []
 
-    def available(self, kind: str) -> str | None:
-        """`None` when `kind` can run, else why not."""
-        module = {"sqlite": "concierge.state.sqlite", "postgres": "concierge.state.postgres"}.get(kind)
+    async def available(self, kind: str) -> str | None:
+        """`None` when `kind` can run, else why not (starting a throwaway server when one is needed)."""
+        module = {
+            "sqlite": "concierge.state.sqlite",
+            "postgres": "concierge.state.postgres",
+            "redis": "concierge.state.redis",
+        }.get(kind)
         if module and importlib.util.find_spec(module) is None:
             return f"{module} is not there yet"
         if kind == "postgres" and self._postgres_admin is None:
             try:
-                self._postgres_admin = self._start_postgres()
+                self._postgres_admin = await asyncio.to_thread(self._start_postgres)
             except Exception as exc:  # noqa: BLE001 - no binaries, or the server would not start
                 return f"no --postgres-url and no throwaway server ({exc})"
+        if kind == "redis":
+            if importlib.util.find_spec("redis") is None:
+                return 'redis-py is not installed (pip install "concierge[redis]")'
+            if self._redis_url is None:
+                try:
+                    self._redis_url = await asyncio.to_thread(self._start_redis)
+                except Exception as exc:  # noqa: BLE001 - no binary, or the server would not start
+                    return f"no --redis-url and no throwaway server ({exc})"
+            try:
+                await self._redis().ping()
+            except Exception as exc:  # noqa: BLE001 - any failure means the server cannot be used
+                return f"Redis at {urlsplit(self._redis_url).hostname} does not answer ({exc})"
         return None
 
     def _start_postgres(self) -> str:
-        spec = importlib.util.spec_from_file_location("concierge_tests_conftest", REPO / "tests" / "conftest.py")
-        assert spec is not None and spec.loader is not None
-        conftest = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(conftest)
-        server = conftest._ThrowawayPostgres()
+        server = _tests_conftest()._ThrowawayPostgres()
         url = server.start()
         self._postgres_server = server
         print(f"(started a throwaway PostgreSQL on port {server.port}, fsync off)", file=sys.stderr)
         return url
+
+    def _start_redis(self) -> str:
+        server = _tests_conftest().start_throwaway_redis()
+        self._redis_server = server
+        print(f"(started a throwaway redis-server on port {server.port}, no persistence)", file=sys.stderr)
+        return server.url
+
+    def _redis(self) -> Any:
+        """A plain client of the Redis server (for set-up and clean-up, never measured)."""
+        if self._redis_client is None:
+            import redis.asyncio as aioredis
+
+            assert self._redis_url is not None
+            self._redis_client = aioredis.Redis.from_url(self._redis_url, decode_responses=True)
+        return self._redis_client
 
     async def fresh(self, kind: str) -> tuple[StateBackend | None, str | None]:
         """A new empty store: `(backend, None)` for memory, `(None, url)` otherwise."""
@@ -287,6 +367,11 @@ class Stores:
         if kind == "sqlite":
             query = "" if self.sqlite_synchronous == "normal" else f"?synchronous={self.sqlite_synchronous}"
             return None, f"sqlite:///{self.tmp / (uuid.uuid4().hex + '.db')}{query}"
+        if kind == "redis":
+            assert self._redis_url is not None
+            prefix = f"bench-{uuid.uuid4().hex[:12]}:"  # an empty store of its own on a shared server
+            self._redis_prefixes.append(prefix)
+            return None, _with_prefix(self._redis_url, prefix)
         import asyncpg
 
         assert self._postgres_admin is not None
@@ -307,6 +392,9 @@ class Stores:
             for i in range(sessions):
                 commit = Commit(f"bench:{i}", 0, {"count": str(i)}, owner=None, expires_at=now + DAY)
                 await backend.commit(commit, now=now)
+            return
+        if kind == "redis":
+            await self._populate_redis(backend, sessions, now)
             return
         await backend.open()  # applies the schema
         await backend.close()
@@ -336,7 +424,20 @@ class Stores:
         finally:
             await conn.close()
 
+    async def _populate_redis(self, backend: Any, sessions: int, now: float) -> None:
+        """Write `sessions` sessions into `backend`'s keys with `_REDIS_POPULATE`, a batch per script run."""
+        client = self._redis()
+        script = client.register_script(_REDIS_POPULATE)
+        expires_at = now + DAY
+        ttl = backend._ttl_ms(expires_at, now)  # the backend's own TTL rule, so the keys match its commits
+        keys = [f"{backend.prefix}expiry", f"{backend.prefix}sessions"]
+        for first in range(1, sessions + 1, _REDIS_BATCH):
+            last = min(first + _REDIS_BATCH - 1, sessions)
+            args = [backend.prefix, first, last, repr(now), repr(-now), repr(expires_at), ttl, ttl + 1000]
+            await script(keys=keys, args=args)
+
     async def close(self) -> None:
+        await self._close_redis()
         if self._databases and self._postgres_admin:
             import asyncpg
 
@@ -351,6 +452,27 @@ class Stores:
         import shutil
 
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    async def _close_redis(self) -> None:
+        """Delete the benchmark's keys from a server it was given; stop a server it started."""
+        client, self._redis_client = self._redis_client, None
+        if client is not None:
+            try:
+                if self._redis_server is None:  # someone else's server: only the prefixes used here go
+                    for prefix in self._redis_prefixes:
+                        batch = []
+                        async for key in client.scan_iter(match=f"{prefix}*", count=10_000):
+                            batch.append(key)
+                            if len(batch) >= 10_000:
+                                await client.unlink(*batch)
+                                batch = []
+                        if batch:
+                            await client.unlink(*batch)
+            finally:
+                await client.aclose()
+        if self._redis_server is not None:
+            await asyncio.to_thread(self._redis_server.stop)
+            self._redis_server = None
 
 
 def _sqlite_bulk(path: str, sessions: int, now: float) -> None:
@@ -490,10 +612,10 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    stores = Stores(args.postgres_url, args.sqlite_synchronous)
+    stores = Stores(args.postgres_url, args.sqlite_synchronous, args.redis_url)
     kinds = []
     for kind in args.backends:
-        reason = stores.available(kind)
+        reason = await stores.available(kind)
         if reason:
             print(f"skipping {kind}: {reason}", file=sys.stderr)
         else:
@@ -573,9 +695,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per series (default 2000)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
     parser.add_argument(
-        "--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset of memory,sqlite,postgres"
+        "--backends", default=",".join(ALL_BACKENDS), help=f"comma-separated subset of {','.join(ALL_BACKENDS)}"
     )
     parser.add_argument("--postgres-url", help="admin URL of an existing PostgreSQL (default: a throwaway server)")
+    parser.add_argument(
+        "--redis-url",
+        help="URL of an existing Redis; each store gets a fresh key prefix, deleted after the run "
+        "(default: a throwaway server)",
+    )
     parser.add_argument(
         "--sessions", default="1000,1000000", help="stored-session counts to compare (default 1000,1000000)"
     )

@@ -193,7 +193,7 @@ class Concierge(MCPServer[Any]):
             raise ConfigurationError(f"history must be a whole number of checkpoints (0 = off), got {history!r}")
         if history and not backend.supports_history:
             raise ConfigurationError(
-                f"history={history} needs a store that records history (memory, SQLite, PostgreSQL); "
+                f"history={history} needs a store that records history (every built-in store does); "
                 f"{type(backend).__name__} does not"
             )
         store_kwargs: dict[str, Any] = {"ttl": ttl, "max_value_bytes": max_value_bytes, "history": history}

@@ -208,6 +208,29 @@ async def test_redis_sets_a_relative_ttl_with_grace_on_both_keys_and_none_for_ne
     assert 0 < await raw.pttl(f"{backend.prefix}s:c1") <= (30 + grace) * 1000
 
 
+async def test_redis_history_key_expires_renews_and_goes_with_its_session(
+    backend: RedisBackend, raw: aioredis.Redis
+) -> None:
+    meta, values, hist = (f"{backend.prefix}{kind}:s1" for kind in ("s", "v", "h"))
+    await backend.commit(Commit("s1", 0, {"a": "1"}, expires_at=NOW + 100, history=2), now=NOW)
+    assert await raw.exists(hist) == 1
+    assert await raw.pttl(hist) == pytest.approx(await raw.pttl(values), abs=50)  # expires with the values
+    await backend.commit(Commit("s1", 1, {"a": "2"}, expires_at=NOW + 100), now=NOW)  # no checkpoint...
+    assert await raw.pttl(hist) == pytest.approx(await raw.pttl(values), abs=50)  # ...but the TTL still moves
+    assert await backend.touch("s1", expires_at=None, now=NOW + 1)
+    assert await raw.pttl(hist) == -1
+    assert [c.version for c in await backend.history("s1")] == [1]
+    for version in (2, 3, 4):
+        await backend.commit(Commit("s1", version, {"a": str(version + 1)}, history=2), now=NOW)
+    assert [c.version for c in await backend.history("s1")] == [4, 5]  # pruned to 2 in the same transaction
+
+    await backend.commit(Commit("gone", 0, {"a": "1"}, expires_at=NOW + 1, history=5), now=NOW)
+    assert [r.session_id for r in await backend.take_expired(now=NOW + 2, limit=10)] == ["gone"]
+    assert await raw.exists(f"{backend.prefix}h:gone") == 0  # the sweep takes the checkpoints too
+    assert await backend.delete("s1")
+    assert await raw.exists(meta, values, hist) == 0
+
+
 async def test_redis_dropping_a_session_by_itself_hides_it_and_the_sweep_prunes_its_index(
     redis_url: str, raw: aioredis.Redis
 ) -> None:

@@ -331,7 +331,7 @@ class StateBackend(ABC):
         A commit with `history` > 0 records one in the same transaction as its
         changes and prunes the session's checkpoints older than the last
         `history` ones; they go with the session when it is deleted or expires.
-        The built-in memory, SQLite and PostgreSQL backends implement it (see
+        Every built-in backend (memory, SQLite, PostgreSQL, Redis) implements it (see
         `supports_history`); another backend may not, in which case this
         default raises `NotImplementedError`.
 

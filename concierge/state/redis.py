@@ -7,6 +7,10 @@ Every key starts with one prefix (default `concierge:`), so a database can be sh
 - `{prefix}s:{id}` hash: `version`, `created_at`, `updated_at`, and `stage`,
   `owner`, `expires_at` when not None (an absent field is None);
 - `{prefix}v:{id}` hash: state key -> JSON text;
+- `{prefix}h:{id}` sorted set: the session's checkpoints (`Commit.history`),
+  each a JSON object of `StoredCheckpoint`'s fields scored by its version; a
+  commit adds its checkpoint and prunes those older than its `history` window
+  in the MULTI/EXEC of its changes; absent while the session has none;
 - `{prefix}expiry` sorted set: id by `expires_at` (never-expiring ids are not in it);
 - `{prefix}sessions` sorted set: id by `-updated_at`, so a forward range is
   newest first with ties in id order, as `list_sessions` wants.
@@ -16,7 +20,10 @@ key expiry only frees the memory: a session's keys get a TTL relative to `now`
 of the time left plus a grace (`expiry_grace`, or 10% of the time left when
 longer), so the sweep normally takes an expired session, with its state, before
 Redis drops it; the values key outlives the metadata by a second, so a visible
-session always has its values. The sweep prunes index entries of dropped keys.
+session always has its values (and its checkpoints, which share the values' TTL).
+The sweep prunes index entries of dropped keys. Every path that ends a session's
+life - `delete`, the sweep, the creation of a new life of its id - removes its
+three keys together, atomically.
 
 A commit WATCHes the metadata of every session it writes, checks the versions
 and applies everything in one MULTI/EXEC. If a watched key changed meanwhile,
@@ -29,6 +36,7 @@ keys from ids, so this needs one Redis server (or primary), not Redis Cluster.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -45,7 +53,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from concierge.errors import ConfigurationError, ConflictError, StateUnavailableError
 from concierge.state import redact_url, url_secrets
-from concierge.state.base import Commit, SessionRecord, SessionSummary, StateBackend, check_page
+from concierge.state.base import (
+    Commit,
+    SessionRecord,
+    SessionSummary,
+    StateBackend,
+    StoredCheckpoint,
+    check_page,
+    checkpoint_of,
+)
 
 __all__ = ["DEFAULT_PREFIX", "RedisBackend"]
 
@@ -56,8 +72,8 @@ _WATCH_ATTEMPTS = 50  # re-runs of a commit whose watched keys changed without a
 _SWEEP_BATCH = 500  # sessions per script run of `clear_expired`: no run blocks the server for long
 _TEN_YEARS = 10 * 365 * 86400.0
 
-# KEYS: metadata, values, expiry, sessions. ARGV: now, expires_at ("" = never), TTL ms of the
-# metadata, of the values, id, -now. Renewing is activity: `updated_at` moves forward, never back.
+# KEYS: metadata, values, expiry, sessions, history. ARGV: now, expires_at ("" = never), TTL ms of the
+# metadata, of the values (and history), id, -now. Renewing is activity: `updated_at` moves forward, never back.
 _TOUCH = """
 local now = tonumber(ARGV[1])
 local exp = redis.call('HGET', KEYS[1], 'expires_at')
@@ -67,11 +83,13 @@ if ARGV[2] == '' then
   redis.call('ZREM', KEYS[3], ARGV[5])
   redis.call('PERSIST', KEYS[1])
   redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[5])
 else
   redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  redis.call('PEXPIRE', KEYS[5], ARGV[4])
 end
 if tonumber(redis.call('HGET', KEYS[1], 'updated_at')) < now then
   redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
@@ -89,7 +107,7 @@ while taken < limit do
   local batch = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', skipped, limit - taken)
   if #batch == 0 then break end
   for _, id in ipairs(batch) do
-    local meta, vals = prefix .. 's:' .. id, prefix .. 'v:' .. id
+    local meta, vals, hist = prefix .. 's:' .. id, prefix .. 'v:' .. id, prefix .. 'h:' .. id
     local exp = redis.call('HGET', meta, 'expires_at')
     if exp and tonumber(exp) > now then
       skipped = skipped + 1
@@ -100,7 +118,7 @@ while taken < limit do
       if exp or redis.call('EXISTS', meta) == 0 then
         -- expired, or already dropped by Redis' own expiry (then only the index remembers it)
         if exp then taken = taken + 1 end
-        redis.call('DEL', meta, vals)
+        redis.call('DEL', meta, vals, hist)
         redis.call('ZREM', KEYS[2], id)
       end
       redis.call('ZREM', KEYS[1], id)
@@ -135,6 +153,7 @@ class RedisBackend(StateBackend):
     """
 
     scheme = "redis"
+    supports_history = True
 
     def __init__(
         self,
@@ -197,6 +216,10 @@ class RedisBackend(StateBackend):
     def _keys(self, session_id: str) -> tuple[str, str]:
         """The metadata and values keys of a session."""
         return f"{self.prefix}s:{session_id}", f"{self.prefix}v:{session_id}"
+
+    def _history_key(self, session_id: str) -> str:
+        """The key of a session's checkpoints."""
+        return f"{self.prefix}h:{session_id}"
 
     def _ttl_ms(self, expires_at: float, now: float) -> int:
         """Redis' TTL for a session's metadata: the time left after `now`, plus the grace."""
@@ -309,14 +332,18 @@ class RedisBackend(StateBackend):
         """Queue the writes of one checked commit inside MULTI."""
         sid = commit.session_id
         meta_key, values_key = self._keys(sid)
+        history_key = self._history_key(sid)
         meta = {"updated_at": repr(now)}
         if commit.expected_version == 0:
-            pipe.delete(meta_key, values_key)  # what an expired predecessor left
+            version = 1
+            # What an expired predecessor left: a new life never sees the old one's state or checkpoints.
+            pipe.delete(meta_key, values_key, history_key)
             meta.update(version="1", created_at=repr(now))
             if commit.owner is not None:
                 meta["owner"] = commit.owner
         else:
-            meta["version"] = str(commit.expected_version + 1)
+            version = commit.expected_version + 1
+            meta["version"] = str(version)
             pipe.hdel(meta_key, "expires_at", *(["stage"] if commit.stage is None else []))  # set again below
             removed = [key for key, value in commit.changes.items() if value is None]
             if commit.clear:
@@ -331,18 +358,24 @@ class RedisBackend(StateBackend):
         written = {key: value for key, value in commit.changes.items() if value is not None}
         if written:
             pipe.hset(values_key, mapping=written)
+        if commit.history > 0:
+            pipe.zadd(history_key, {_checkpoint_json(checkpoint_of(commit, version, now)): version})
+            if version > commit.history:
+                pipe.zremrangebyscore(history_key, "-inf", version - commit.history)
         pipe.zadd(self._sessions_key, {sid: -now})
+        # The history key's TTL moves with every commit, one with `history` 0 included: checkpoints
+        # recorded earlier stay as long as their session (on a key that does not exist these are no-ops).
         if commit.expires_at is None:
-            pipe.zrem(self._expiry_key, sid).persist(meta_key).persist(values_key)
+            pipe.zrem(self._expiry_key, sid).persist(meta_key).persist(values_key).persist(history_key)
         else:
             ttl = self._ttl_ms(commit.expires_at, now)
             pipe.zadd(self._expiry_key, {sid: commit.expires_at})
-            pipe.pexpire(meta_key, ttl).pexpire(values_key, ttl + 1000)
+            pipe.pexpire(meta_key, ttl).pexpire(values_key, ttl + 1000).pexpire(history_key, ttl + 1000)
 
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         ttl = 0 if expires_at is None else self._ttl_ms(expires_at, now)
         expires = "" if expires_at is None else repr(float(expires_at))
-        keys = [*self._keys(session_id), self._expiry_key, self._sessions_key]
+        keys = [*self._keys(session_id), self._expiry_key, self._sessions_key, self._history_key(session_id)]
         async with self._redis():
             found = await self._touch_script(keys, [repr(now), expires, ttl, ttl + 1000, session_id, repr(-now)])
         return bool(found)
@@ -350,9 +383,18 @@ class RedisBackend(StateBackend):
     async def delete(self, session_id: str) -> bool:
         meta_key, values_key = self._keys(session_id)
         async with self._redis() as client, client.pipeline(transaction=True) as pipe:
-            pipe.delete(meta_key).delete(values_key)
+            pipe.delete(meta_key).delete(values_key, self._history_key(session_id))
             existed, *_ = await pipe.zrem(self._expiry_key, session_id).zrem(self._sessions_key, session_id).execute()
         return bool(existed)
+
+    async def history(self, session_id: str) -> list[StoredCheckpoint]:
+        """As `StateBackend.history`; a session Redis' own expiry has dropped has none."""
+        meta_key, _ = self._keys(session_id)
+        async with self._redis() as client, client.pipeline(transaction=True) as pipe:
+            # The metadata decides whether the session exists, as everywhere: the checkpoints' key
+            # outlives it by a second when Redis' expiry drops them.
+            exists, members = await pipe.exists(meta_key).zrange(self._history_key(session_id), 0, -1).execute()
+        return [_checkpoint(member) for member in members] if exists else []
 
     async def clear_expired(self, *, now: float) -> int:
         total = 0
@@ -445,6 +487,36 @@ def _checked(commit: Commit, meta: Sequence[str | None], now: float, exists: str
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
     """A hash as a script returns it: field, value, field, value, ..."""
     return dict(zip(flat[::2], flat[1::2]))
+
+
+def _checkpoint_json(checkpoint: StoredCheckpoint) -> str:
+    """A checkpoint as its history key holds it: the version inside keeps two equal changes distinct members."""
+    document = {
+        "version": checkpoint.version,
+        "at": float(checkpoint.at),
+        "tool": checkpoint.tool,
+        "changes": checkpoint.changes,
+        "previous": checkpoint.previous,
+        "stage_changed": checkpoint.stage_changed,
+        "stage": checkpoint.stage,
+        "previous_stage": checkpoint.previous_stage,
+    }
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+
+
+def _checkpoint(member: str) -> StoredCheckpoint:
+    """A checkpoint from its history key's member (`_checkpoint_json`)."""
+    d = json.loads(member)
+    return StoredCheckpoint(
+        int(d["version"]),
+        float(d["at"]),
+        d["tool"],
+        d["changes"],
+        d["previous"],
+        bool(d["stage_changed"]),
+        d["stage"],
+        d["previous_stage"],
+    )
 
 
 def _record(session_id: str, meta: Mapping[str, str], values: Mapping[str, str] | None) -> SessionRecord:
