@@ -205,6 +205,10 @@ class SQLiteBackend(SQLBackend):
             hint = "; check that the file and its directory exist and are writable by this process"
         elif code in (5, 6):  # BUSY, LOCKED
             hint = f"; another process held the write lock for more than busy_timeout={self.busy_timeout:g}s"
+        elif code == 10:  # IOERR: also what a file made read-only (immutable) under an open connection gives
+            hint = "; check the disk and that the file and its directory are writable by this process"
+        elif code == 13:  # FULL
+            hint = "; free space on its disk"
         return StateUnavailableError(f"{self._where()} is unavailable: {exc}{hint}")
 
     @staticmethod
