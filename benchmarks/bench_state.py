@@ -3,7 +3,7 @@
     python benchmarks/bench_state.py [--calls N] [--rounds R] [--backends memory,sqlite,postgres,redis]
                                      [--postgres-url URL] [--redis-url URL] [--sessions 1000,1000000] [--keys 1000]
                                      [--skip throughput,sessions,keys] [--transports inprocess,http]
-                                     [--sqlite-synchronous normal|full]
+                                     [--sqlite-synchronous normal|full] [--json PATH]
 
 Three measurements, each through the SDK's in-process `mcp.client.Client(app)`:
 
@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -307,6 +308,12 @@ class Stores:
         self._redis_server: Any = None
         self._redis_client: Any = None
         self._redis_prefixes: list[str] = []
+
+    @property
+    def postgres_admin_url(self) -> str:
+        """The admin URL of the PostgreSQL in use (after `available("postgres")` returned `None`)."""
+        assert self._postgres_admin is not None
+        return self._postgres_admin
 
     async def available(self, kind: str) -> str | None:
         """`None` when `kind` can run, else why not (starting a throwaway server when one is needed)."""
@@ -621,6 +628,7 @@ async def run(args: argparse.Namespace) -> int:
         else:
             kinds.append(kind)
     outputs = []
+    results: dict[str, list[list[str]]] = {}  # measurement -> its table's rows, for --json
     disk_before = fsync_median_us(stores.tmp)
     try:
         if "throughput" not in args.skip and "inprocess" in args.transports:
@@ -628,6 +636,7 @@ async def run(args: argparse.Namespace) -> int:
             for kind in kinds:
                 print(f"throughput: {kind} ...", file=sys.stderr)
                 rows += await throughput(stores, kind, args.calls, args.rounds)
+            results["throughput_inprocess"] = rows
             outputs.append(
                 table(
                     f"Throughput: get_state + set_state of a counter vs the same tool on a plain MCPServer "
@@ -641,6 +650,7 @@ async def run(args: argparse.Namespace) -> int:
             for kind in kinds:
                 print(f"throughput over HTTP: {kind} ...", file=sys.stderr)
                 rows += await http_throughput(stores, kind, args.calls, args.rounds)
+            results["throughput_http"] = rows
             outputs.append(
                 table(
                     f"Throughput over streamable HTTP on 127.0.0.1: the same tools, each server in its own process "
@@ -654,6 +664,7 @@ async def run(args: argparse.Namespace) -> int:
             for kind in kinds:
                 print(f"sessions: {kind} ...", file=sys.stderr)
                 rows += await sessions_scale(stores, kind, args.sessions, args.calls, args.rounds)
+            results["sessions"] = rows
             outputs.append(
                 table(
                     "Per-call latency vs sessions stored (2026-07-28 client, the call's own session among them)",
@@ -666,6 +677,7 @@ async def run(args: argparse.Namespace) -> int:
             for kind in kinds:
                 print(f"keys: {kind} ...", file=sys.stderr)
                 rows += await keys_scale(stores, kind, args.keys, args.calls, args.rounds)
+            results["keys"] = rows
             outputs.append(
                 table(
                     "Per-call latency touching one key vs keys in the session (2026-07-28 client)",
@@ -687,6 +699,10 @@ async def run(args: argparse.Namespace) -> int:
         f"after; {waits}."
     )
     print(f"\nPython {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"tables": results, "disk_fsync_us": [disk_before, disk_after]}, indent=2)
+        )
     return 0
 
 
@@ -707,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sessions", default="1000,1000000", help="stored-session counts to compare (default 1000,1000000)"
     )
     parser.add_argument("--keys", type=int, default=1000, help="keys in the big session (default 1000)")
+    parser.add_argument("--json", help="also write every table's rows to this JSON file")
     parser.add_argument("--skip", default="", help="comma-separated measurements to skip: throughput,sessions,keys")
     parser.add_argument(
         "--transports",

@@ -1,0 +1,837 @@
+"""Concierge against its peers on one cart workload, over streamable HTTP, all state on one PostgreSQL.
+
+    python benchmarks/bench_peers.py [--duration S | --calls N] [--sessions 64] [--inflight 4]
+                                     [--rounds 3] [--warmup-calls 8] [--postgres-url URL]
+                                     [--systems concierge,fastmcp,fastmcp-session-id,concierge-sdk]
+                                     [--json out.json] [--reinstall]
+
+The systems (each server a subprocess listening on 127.0.0.1, each on its own
+scratch database of the same PostgreSQL server):
+
+- concierge: this repository, in the current interpreter's environment
+  (`benchmarks/peers/concierge_cart.py`, `Concierge(state_url="postgresql://...")`,
+  `app.get_state` / `app.set_state`).
+- fastmcp: fastmcp 4.x, `await ctx.get_state` / `await ctx.set_state` (keyed by
+  the MCP session), `FastMCP(session_state_store=PostgreSQLStore(url=...))` from
+  py-key-value-aio (`benchmarks/peers/fastmcp_cart.py`).
+- fastmcp-session-id: the same fastmcp and store, with fastmcp 4's `SessionId`
+  argument: each client session first calls `create_session`, then passes the id
+  on every call (`--api session-id`).
+- concierge-sdk: concierge-sdk 0.8.0 from PyPI (it needs `mcp<2`), its synchronous
+  `app.get_state` / `app.set_state`, `CONCIERGE_STATE_URL=postgresql://...`
+  (`benchmarks/peers/concierge_sdk_cart.py`).
+
+Each peer is installed only in its own virtualenv, `benchmarks/.venvs/<name>`,
+created on the first run with `python -m venv` and pinned versions, and reused
+afterwards (`--reinstall` recreates it). A peer that cannot be installed or
+started is reported with the reason, and the others still run.
+
+Workload: `--sessions` client sessions (the `mcp` SDK's `Client(url,
+mode="legacy")`: the initialize handshake, one `mcp-session-id` each), each with
+`--inflight` calls in flight at once, call `add_to_cart(item)` (read the cart,
+append, write it back) with a unique item per call; then each session calls
+`view_cart`. An acknowledged item missing from its session's cart is a lost
+update. Per round, every system gets fresh sessions, a warm-up
+(`--warmup-calls` per session, not timed but counted for lost updates), then the
+timed phase (`--duration` seconds, or `--calls` per session). Systems run one
+after another, the order reversed every round. After the last round the rows
+each system stored are counted in its PostgreSQL tables and compared with what
+`view_cart` returned.
+
+PostgreSQL: `--postgres-url` (an admin URL; scratch databases are created and
+dropped on it), else a throwaway server started as `benchmarks/bench_state.py`
+does (fsync off: an upper bound for a durable server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any
+
+from bench_state import Stores, _free_port
+from mcp.client import Client
+
+HERE = Path(__file__).resolve().parent
+PEERS_DIR = HERE / "peers"
+VENVS_DIR = HERE / ".venvs"
+MARKER = "bench-peers.json"
+
+
+# -- the systems ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Peer:
+    """One system under test: how to install it, run its server, and find its state in PostgreSQL."""
+
+    name: str
+    script: str
+    api: str
+    store: str
+    count_sql: str
+    """Returns (carts, items) for every cart the server stored."""
+    venv: str | None = None
+    """Directory under `benchmarks/.venvs`; `None` runs in the current interpreter's environment."""
+    candidates: tuple[tuple[str, ...], ...] = ()
+    """Pinned requirement sets, tried in order: the first one that installs is used."""
+    distributions: tuple[str, ...] = ()
+    """Distributions whose installed versions are reported."""
+    args: tuple[str, ...] = ()
+    url_env: str = "BENCH_STATE_URL"
+    extra_env: tuple[tuple[str, str], ...] = ()
+    session_tool: str | None = None
+    """A tool each client session calls first; its result is passed back as `session_id`."""
+
+
+FASTMCP_CANDIDATES = (
+    # The latest 4.x. Its `server` extra requires certifi>=2026.10.19, which the
+    # package index may not have (4.1.3 and 4.1.4 require it too) ...
+    ("fastmcp==4.1.6", "py-key-value-aio[postgresql]==0.4.6"),
+    # ... then the newest 4.x without that requirement.
+    ("fastmcp==4.1.2", "py-key-value-aio[postgresql]==0.4.6"),
+)
+CONCIERGE_SDK_CANDIDATES = (
+    # concierge-sdk declares mcp>=1.0.0 but imports mcp.server.fastmcp, which mcp 2 removed.
+    ("concierge-sdk[postgres]==0.8.0", "mcp==1.30.0", "fastmcp==3.4.10", "psycopg2-binary==2.9.13"),
+)
+
+PEERS: dict[str, Peer] = {
+    peer.name: peer
+    for peer in (
+        Peer(
+            name="concierge",
+            script="concierge_cart.py",
+            api="app.get_state / app.set_state (sync), session = mcp-session-id",
+            store="PostgreSQL: concierge_sessions + concierge_values (asyncpg), state_url=",
+            count_sql="SELECT count(*), coalesce(sum(jsonb_array_length(value::jsonb)), 0)"
+            " FROM concierge_values WHERE key = 'cart'",
+            distributions=("concierge", "mcp"),
+        ),
+        Peer(
+            name="fastmcp",
+            script="fastmcp_cart.py",
+            api="await ctx.get_state / ctx.set_state, keyed by ctx.session_id (= mcp-session-id)",
+            store="PostgreSQL: kv_store via py-key-value-aio PostgreSQLStore (asyncpg), session_state_store=",
+            count_sql="SELECT count(*), coalesce(sum(jsonb_array_length(value -> 'value')), 0)"
+            " FROM kv_store WHERE collection = 'fastmcp_state' AND key LIKE '%:cart'",
+            venv="fastmcp",
+            candidates=FASTMCP_CANDIDATES,
+            distributions=("fastmcp", "mcp", "py-key-value-aio", "asyncpg"),
+            args=("--api", "context"),
+        ),
+        Peer(
+            name="fastmcp-session-id",
+            script="fastmcp_cart.py",
+            api="session_id: SessionId + create_session, await get_session(id).get / .set",
+            store="PostgreSQL: kv_store via py-key-value-aio PostgreSQLStore (asyncpg), session_state_store=",
+            count_sql="SELECT count(*), coalesce(sum(jsonb_array_length(value -> 'value' -> 'state' -> 'cart')), 0)"
+            " FROM kv_store WHERE collection = 'fastmcp_state' AND key LIKE 'session:%'"
+            " AND value -> 'value' -> 'state' ? 'cart'",
+            venv="fastmcp",
+            candidates=FASTMCP_CANDIDATES,
+            distributions=("fastmcp", "mcp", "py-key-value-aio", "asyncpg"),
+            args=("--api", "session-id"),
+            session_tool="create_session",
+        ),
+        Peer(
+            name="concierge-sdk",
+            script="concierge_sdk_cart.py",
+            api="app.get_state / app.set_state (sync, blocking), keyed by the mcp-session-id header",
+            store="PostgreSQL: concierge_session_state via its PostgresBackend (psycopg2), CONCIERGE_STATE_URL",
+            count_sql="SELECT count(*), coalesce(sum(jsonb_array_length(value)), 0)"
+            " FROM concierge_session_state WHERE key = 'cart'",
+            venv="concierge-sdk",
+            candidates=CONCIERGE_SDK_CANDIDATES,
+            distributions=("concierge-sdk", "mcp", "fastmcp", "psycopg2-binary"),
+            url_env="CONCIERGE_STATE_URL",
+            extra_env=(("CONCIERGE_LOG_LEVEL", "WARNING"), ("CONCIERGE_HEARTBEAT_INTERVAL", "0")),
+        ),
+    )
+}
+
+
+# -- virtualenvs ------------------------------------------------------------------------
+@dataclass
+class Installed:
+    """A ready environment for one peer: its python and what was installed."""
+
+    python: str
+    pins: list[str]
+    versions: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _pip_errors(stderr: str) -> str:
+    """The `ERROR:` lines of pip's output (its reason), else its last lines."""
+    lines = [
+        line.partition(" (from versions:")[0]
+        for line in stderr.splitlines()
+        if line.startswith("ERROR:") and "require a different python version" not in line
+    ]
+    if not lines:
+        lines = [line for line in stderr.splitlines() if line.strip() and "is ignored" not in line][-3:]
+    return " ".join(lines)[:600]
+
+
+def _venv_versions(python: str, distributions: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of `distributions` in the environment of `python`."""
+    probe = (
+        "import importlib.metadata as m, json, sys\n"
+        "out = {}\n"
+        "for d in sys.argv[1:]:\n"
+        "    try: out[d] = m.version(d)\n"
+        "    except m.PackageNotFoundError: out[d] = 'missing'\n"
+        "print(json.dumps(out))"
+    )
+    done = subprocess.run([python, "-c", probe, *distributions], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def ensure_environment(peer: Peer, reinstall: bool) -> Installed:
+    """The peer's environment: the current one, or its own virtualenv (created and installed on first use).
+
+    Raises `RuntimeError` with pip's reason when no candidate set of pins installs.
+    """
+    if peer.venv is None:
+        return Installed(sys.executable, [], {d: dist_version(d) for d in peer.distributions})
+    root = VENVS_DIR / peer.venv
+    python = str(root / "bin" / "python")
+    marker = root / MARKER
+    wanted = [list(c) for c in peer.candidates]
+    if not reinstall and marker.exists():
+        recorded = json.loads(marker.read_text())
+        if recorded.get("candidates") == wanted and Path(python).exists():
+            if recorded.get("pins") is None:
+                raise RuntimeError(recorded.get("error", "installation failed earlier; run with --reinstall"))
+            return Installed(python, recorded["pins"], recorded["versions"], recorded.get("notes", []))
+    print(f"[{peer.name}] creating {root.relative_to(HERE.parent)} ...", file=sys.stderr)
+    if root.exists():
+        shutil.rmtree(root)
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    notes: list[str] = []
+    for pins in peer.candidates:
+        print(f"[{peer.name}] pip install {' '.join(pins)}", file=sys.stderr)
+        done = subprocess.run(
+            [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q", *pins],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            versions = _venv_versions(python, peer.distributions)
+            record = {"candidates": wanted, "pins": list(pins), "versions": versions, "notes": notes}
+            marker.write_text(json.dumps(record, indent=2))
+            return Installed(python, list(pins), versions, notes)
+        notes.append(f"`pip install {' '.join(pins)}` failed: {_pip_errors(done.stderr)}")
+        print(f"[{peer.name}] {notes[-1]}", file=sys.stderr)
+    error = "no pinned version installs: " + " | ".join(notes)
+    marker.write_text(json.dumps({"candidates": wanted, "pins": None, "error": error}, indent=2))
+    raise RuntimeError(error)
+
+
+# -- servers ------------------------------------------------------------------------------
+def _clean_env() -> dict[str, str]:
+    """The environment minus anything that could reconfigure a peer behind the benchmark's back."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CONCIERGE_", "FASTMCP_", "BENCH_")) and k not in ("PYTHONPATH", "VIRTUAL_ENV")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Server:
+    """A running peer server."""
+
+    peer: Peer
+    url: str
+    proc: asyncio.subprocess.Process
+    log: Path
+
+
+@asynccontextmanager
+async def serve(peer: Peer, python: str, state_url: str, tmp: Path, timeout: float = 180.0) -> AsyncIterator[Server]:
+    """Start the peer's server on a free port; yields it once it answers `tools/list`; stops it on exit."""
+    port = _free_port()
+    env = _clean_env()
+    env[peer.url_env] = state_url
+    env.update(peer.extra_env)
+    log = tmp / f"{peer.name}-{port}.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            python,
+            str(PEERS_DIR / peer.script),
+            "--port",
+            str(port),
+            *peer.args,
+            env=env,
+            cwd=str(tmp),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {_tail(log)}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not listen within {timeout:.0f}s: {_tail(log)}") from None
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            break
+        async with Client(url, mode="legacy", read_timeout_seconds=30) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+        missing = {"add_to_cart", "view_cart", *([peer.session_tool] if peer.session_tool else [])} - tools
+        if missing:
+            raise RuntimeError(f"server lists no {sorted(missing)} (it lists {sorted(tools)})")
+        yield Server(peer, url, proc, log)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def _tail(log: Path, lines: int = 6) -> str:
+    """The last lines of a server log, on one line."""
+    try:
+        text = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"
+
+
+# -- the workload ---------------------------------------------------------------------------
+@dataclass
+class RoundResult:
+    """One system's numbers for one round."""
+
+    system: str
+    round: int
+    elapsed: float = 0.0
+    ok: int = 0
+    errors: int = 0
+    acked: int = 0
+    """Acknowledged adds, warm-up included (the base of the lost-update count)."""
+    in_carts: int = 0
+    lost: int = 0
+    unacked_in_carts: int = 0
+    duplicates: int = 0
+    sessions_failed: int = 0
+    server_cpu: float | None = None
+    """CPU seconds the server process used during the timed phase."""
+    driver_cpu: float = 0.0
+    """CPU seconds the load driver used during the timed phase."""
+    latencies: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+    def error(self, message: str) -> None:
+        """Count one failed call, keeping a few distinct messages."""
+        self.errors += 1
+        message = message[:300]
+        if len(self.error_samples) < 5 and message not in self.error_samples:
+            self.error_samples.append(message)
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line description of an exception (the first leaf of an exception group)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _payload(result: Any) -> dict[str, Any]:
+    """A tool result's structured content, else the JSON of its first text block."""
+    if result.structured_content:
+        return dict(result.structured_content)
+    for block in result.content:
+        text = getattr(block, "text", None)
+        if text is not None:
+            loaded = json.loads(text)
+            return loaded if isinstance(loaded, dict) else {"result": loaded}
+    return {}
+
+
+def _process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used so far, from /proc; `None` where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def run_round(server: Server, system: str, number: int, args: argparse.Namespace) -> RoundResult:
+    """Connect `args.sessions` fresh sessions, warm up, run the timed phase, then read every cart.
+
+    Two barriers bracket the timed phase: every session has connected and warmed
+    up before it starts, and every session has finished its timed calls before it
+    ends (only then do the sessions read their carts). The CPU time the server
+    process and this process used in between is recorded.
+    """
+    result = RoundResult(system, number)
+    peer = server.peer
+    ready = asyncio.Barrier(args.sessions + 1)
+    done = asyncio.Barrier(args.sessions + 1)
+    go = asyncio.Event()
+    clock = time.perf_counter
+    deadline = 0.0
+
+    def shares(total: int) -> list[int]:
+        return [total // args.inflight + (i < total % args.inflight) for i in range(args.inflight)]
+
+    async def session(index: int) -> None:
+        acked: set[str] = set()
+        passed: set[str] = set()
+        cart: list[str] = []
+
+        async def cross(barrier: asyncio.Barrier, name: str) -> None:
+            passed.add(name)
+            await barrier.wait()
+
+        try:
+            async with Client(server.url, mode="legacy", read_timeout_seconds=60) as client:
+                extra: dict[str, Any] = {}
+                if peer.session_tool:
+                    created = await client.call_tool(peer.session_tool, {})
+                    if created.is_error:
+                        raise RuntimeError(f"{peer.session_tool} failed: {created.content}")
+                    extra = {"session_id": _payload(created)["result"]}
+                counter = iter(range(10**9))
+
+                async def add(timed: bool) -> None:
+                    item = f"s{index}-{next(counter)}"
+                    start = clock()
+                    try:
+                        reply = await client.call_tool("add_to_cart", {"item": item, **extra})
+                    except Exception as exc:  # noqa: BLE001 - every failure is counted, the run goes on
+                        result.error(_describe(exc))
+                        return
+                    if reply.is_error:
+                        result.error(" ".join(getattr(b, "text", "") for b in reply.content))
+                        return
+                    acked.add(item)
+                    if timed:
+                        result.latencies.append(clock() - start)
+                        result.ok += 1
+
+                async def worker(calls: int | None, timed: bool) -> None:
+                    if calls is None:
+                        while clock() < deadline:
+                            await add(timed)
+                    else:
+                        for _ in range(calls):
+                            await add(timed)
+
+                await asyncio.gather(*(worker(n, False) for n in shares(args.warmup_calls)))
+                await cross(ready, "ready")
+                await go.wait()
+                timed_shares: list[int | None] = (
+                    [None] * args.inflight if args.calls is None else list(shares(args.calls))
+                )
+                await asyncio.gather(*(worker(n, True) for n in timed_shares))
+                await cross(done, "done")
+                view = await client.call_tool("view_cart", extra)
+                if view.is_error:
+                    raise RuntimeError(f"view_cart failed: {view.content}")
+                cart = list(_payload(view)["cart"])
+        except Exception as exc:  # noqa: BLE001 - a failed session is reported, not fatal
+            result.sessions_failed += 1
+            result.error(f"session {index}: {_describe(exc)}")
+            return
+        finally:
+            if "ready" not in passed:
+                await ready.wait()
+            if "done" not in passed:
+                await done.wait()
+        items = set(cart)
+        result.acked += len(acked)
+        result.in_carts += len(cart)
+        result.lost += len(acked - items)
+        result.unacked_in_carts += len(items - acked)
+        result.duplicates += len(cart) - len(items)
+
+    tasks = [asyncio.create_task(session(i)) for i in range(args.sessions)]
+    await ready.wait()
+    server_cpu, driver_cpu = _process_cpu(server.proc.pid), time.process_time()
+    start = clock()
+    deadline = start + (args.duration or 0.0)
+    go.set()
+    await done.wait()
+    result.elapsed = clock() - start
+    server_after = _process_cpu(server.proc.pid)
+    if server_cpu is not None and server_after is not None:
+        result.server_cpu = server_after - server_cpu
+    result.driver_cpu = time.process_time() - driver_cpu
+    await asyncio.gather(*tasks)
+    return result
+
+
+# -- aggregation and output ------------------------------------------------------------------
+def quantile(values: list[float], q: float) -> float:
+    """The nearest-rank quantile of `values` (NaN when empty)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Summary:
+    """One system's numbers over all rounds."""
+
+    system: str
+    status: str = "ok"
+    calls_per_s: float = float("nan")
+    per_round: list[float] = field(default_factory=list)
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    ok: int = 0
+    errors: int = 0
+    acked: int = 0
+    lost: int = 0
+    unacked_in_carts: int = 0
+    duplicates: int = 0
+    sessions_failed: int = 0
+    in_carts: int = 0
+    server_cpu_ms: float = float("nan")
+    """Server process CPU per acknowledged timed call."""
+    driver_cpu_ms: float = float("nan")
+    """Load-driver CPU per acknowledged timed call."""
+    stored: str = "-"
+    stored_matches: bool | None = None
+    error_samples: list[str] = field(default_factory=list)
+
+
+def summarise(system: str, rounds: list[RoundResult]) -> Summary:
+    """Pool the rounds: calls/s over all timed time, quantiles over all timed calls."""
+    latencies = [x for r in rounds for x in r.latencies]
+    elapsed = sum(r.elapsed for r in rounds)
+    ok = sum(r.ok for r in rounds)
+    server_cpu = [r.server_cpu for r in rounds]
+    samples: list[str] = []
+    for r in rounds:
+        samples += [s for s in r.error_samples if s not in samples]
+    return Summary(
+        system=system,
+        calls_per_s=ok / elapsed if elapsed > 0 else float("nan"),
+        per_round=[r.ok / r.elapsed if r.elapsed > 0 else float("nan") for r in rounds],
+        p50_ms=quantile(latencies, 0.50) * 1e3,
+        p99_ms=quantile(latencies, 0.99) * 1e3,
+        ok=ok,
+        errors=sum(r.errors for r in rounds),
+        acked=sum(r.acked for r in rounds),
+        lost=sum(r.lost for r in rounds),
+        unacked_in_carts=sum(r.unacked_in_carts for r in rounds),
+        duplicates=sum(r.duplicates for r in rounds),
+        sessions_failed=sum(r.sessions_failed for r in rounds),
+        in_carts=sum(r.in_carts for r in rounds),
+        server_cpu_ms=sum(c for c in server_cpu if c is not None) * 1e3 / ok
+        if ok and None not in server_cpu
+        else float("nan"),
+        driver_cpu_ms=sum(r.driver_cpu for r in rounds) * 1e3 / ok if ok else float("nan"),
+        error_samples=samples[:5],
+    )
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, first column left-aligned, the others right-aligned."""
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i else (":" + "-" * (w + 1)) for i, w in enumerate(widths)) + "|"
+    body = [
+        "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+        for r in rows
+    ]
+    return "\n".join([line, rule, *body])
+
+
+def _num(value: float, fmt: str) -> str:
+    return "-" if math.isnan(value) else format(value, fmt)
+
+
+def report(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
+    """The results table, ratios and legend."""
+    header = [
+        "system",
+        "calls/s",
+        "per round",
+        "p50 ms",
+        "p99 ms",
+        "ok calls",
+        "errors",
+        "lost updates",
+        "in PostgreSQL",
+        "server CPU ms/call",
+        "driver CPU ms/call",
+    ]
+    rows = []
+    notes = []
+    for name, s in summaries.items():
+        if s.status != "ok":
+            rows.append([name, "-", "-", "-", "-", "-", "-", "-", "not run", "-", "-"])
+            notes.append(f"- **{name}** not run: {s.status}")
+            continue
+        lost = f"{s.lost:,} / {s.acked:,} ({100 * s.lost / s.acked:.1f}%)" if s.acked else "-"
+        rows.append(
+            [
+                name,
+                _num(s.calls_per_s, ",.0f"),
+                " / ".join(_num(x, ",.0f") for x in s.per_round),
+                _num(s.p50_ms, ",.1f"),
+                _num(s.p99_ms, ",.1f"),
+                f"{s.ok:,}",
+                f"{s.errors:,}",
+                lost,
+                s.stored,
+                _num(s.server_cpu_ms, ".2f"),
+                _num(s.driver_cpu_ms, ".2f"),
+            ]
+        )
+        if s.error_samples:
+            notes.append(f"- **{name}** errors, e.g.: " + "; ".join(f"`{e}`" for e in s.error_samples[:3]))
+        if s.unacked_in_carts or s.duplicates:
+            notes.append(
+                f"- **{name}**: {s.unacked_in_carts} items in carts whose call reported a failure, "
+                f"{s.duplicates} duplicate items"
+            )
+    mode = f"{args.duration:g} s timed" if args.calls is None else f"{args.calls} timed calls per session"
+    out = [
+        (
+            f"\nCart workload over streamable HTTP on 127.0.0.1: {args.sessions} sessions x {args.inflight} calls in "
+            f"flight, {args.rounds} rounds ({mode} per system per round, order reversed each round), "
+            f"{args.warmup_calls} warm-up calls per session per round\n"
+        ),
+        markdown_table(header, rows),
+    ]
+    ratios = []
+    base = summaries.get("concierge")
+    if base and base.status == "ok":
+        for other in ("fastmcp", "fastmcp-session-id", "concierge-sdk"):
+            s = summaries.get(other)
+            if s and s.status == "ok" and s.calls_per_s > 0:
+                ratios.append(
+                    f"- concierge / {other}: {base.calls_per_s / s.calls_per_s:.2f}x calls/s, "
+                    f"p50 latency {base.p50_ms / s.p50_ms:.2f}x, p99 latency {base.p99_ms / s.p99_ms:.2f}x"
+                )
+    if ratios:
+        out += ["\nRatios\n", *ratios]
+    out += [
+        (
+            "\ncalls/s: acknowledged timed `add_to_cart` calls per second of timed phase, all rounds pooled "
+            "(per round: the same, each round). p50/p99: latency of one call as the client sees it (queueing "
+            "behind the same session's other calls included). lost updates: acknowledged items (warm-up included) "
+            "missing from their session's cart at the end (= successful adds - items in carts when no failed call "
+            "wrote). in PostgreSQL: carts / items found in the system's tables after the last round (✓ = as many "
+            "items as the final `view_cart` calls returned in all). CPU ms/call: CPU time of the server process "
+            "(PostgreSQL's own not included) and of this load driver during the timed phase, per acknowledged "
+            "timed call."
+        ),
+    ]
+    if notes:
+        out += ["\nNotes\n", *notes]
+    return "\n".join(out)
+
+
+# -- the run ------------------------------------------------------------------------------
+async def count_stored(peer: Peer, url: str) -> tuple[int, int]:
+    """(carts, items) the peer stored in its database."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(peer.count_sql)
+    finally:
+        await conn.close()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Install, start, measure, verify, report."""
+    load_before = os.getloadavg()[0]
+    environments: dict[str, Installed] = {}
+    summaries: dict[str, Summary] = {name: Summary(name) for name in args.systems}
+    for name in args.systems:
+        try:
+            environments[name] = await asyncio.to_thread(ensure_environment, PEERS[name], args.reinstall)
+        except Exception as exc:  # noqa: BLE001 - reported in its row
+            summaries[name].status = f"install failed: {_describe(exc)}"
+    stores = Stores(args.postgres_url)
+    reason = stores.available("postgres")
+    if inspect.isawaitable(reason):  # async in newer versions of bench_state
+        reason = await reason
+    if reason:
+        print(f"no PostgreSQL: {reason}", file=sys.stderr)
+        return 1
+    rounds: dict[str, list[RoundResult]] = {name: [] for name in args.systems}
+    urls: dict[str, str] = {}
+    try:
+        async with _servers(args.systems, environments, stores, summaries, urls) as servers:
+            order = [name for name in args.systems if name in servers]
+            for number in range(args.rounds):
+                for name in order if number % 2 == 0 else list(reversed(order)):
+                    print(f"round {number + 1}/{args.rounds}: {name} ...", file=sys.stderr)
+                    try:
+                        rounds[name].append(await run_round(servers[name], name, number, args))
+                    except Exception as exc:  # noqa: BLE001 - reported in its row
+                        summaries[name].status = f"round {number + 1} failed: {_describe(exc)}"
+                        servers.pop(name)
+                        order.remove(name)
+                        break
+                    last = rounds[name][-1]
+                    print(
+                        f"  {last.ok / last.elapsed if last.elapsed else 0:,.0f} calls/s, {last.errors} errors, "
+                        f"{last.lost} lost",
+                        file=sys.stderr,
+                    )
+        for name in args.systems:
+            if summaries[name].status != "ok":
+                continue
+            status = summaries[name].status
+            summaries[name] = summarise(name, rounds[name])
+            summaries[name].status = status
+            summary = summaries[name]
+            try:
+                carts, items = await count_stored(PEERS[name], urls[name])
+            except Exception as exc:  # noqa: BLE001 - e.g. no such table: the state went elsewhere
+                summary.stored_matches = False
+                summary.stored = f"✗ ({_describe(exc)})"
+                continue
+            summary.stored_matches = items == summary.in_carts and summary.sessions_failed == 0
+            mark = "✓" if summary.stored_matches else f"✗ (view_cart: {summary.in_carts:,})"
+            summary.stored = f"{carts:,} / {items:,} {mark}"
+    finally:
+        await stores.close()
+
+    print(report(summaries, args))
+    print("\nSystems\n")
+    noted: set[str] = set()
+    for name in args.systems:
+        peer = PEERS[name]
+        env = environments.get(name)
+        where = "current environment" if peer.venv is None else f"benchmarks/.venvs/{peer.venv}"
+        versions = ", ".join(f"{d} {v}" for d, v in env.versions.items()) if env else "not installed"
+        print(f"- **{name}** ({where}: {versions}): {peer.api}; {peer.store}")
+        if env and where not in noted:
+            noted.add(where)
+            for note in env.notes:
+                print(f"  - {note}")
+    cores = os.cpu_count()
+    load_after = os.getloadavg()[0]
+    print(
+        f"\nPython {platform.python_version()}, {cores} CPUs shared by the load driver, the servers and "
+        f"PostgreSQL; 1-minute load average {load_before:.1f} before the run, {load_after:.1f} after; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    if args.json:
+        document = {
+            "config": {k: v for k, v in vars(args).items() if k != "postgres_url"},
+            "python": platform.python_version(),
+            "cpus": cores,
+            "load_average": [load_before, load_after],
+            "systems": {
+                name: {
+                    "api": PEERS[name].api,
+                    "store": PEERS[name].store,
+                    "environment": asdict(environments[name]) if name in environments else None,
+                    "summary": asdict(summaries[name]),
+                    "rounds": [{k: v for k, v in asdict(r).items() if k != "latencies"} for r in rounds[name]],
+                }
+                for name in args.systems
+            },
+        }
+        Path(args.json).write_text(json.dumps(document, indent=2, default=str))
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+@asynccontextmanager
+async def _servers(
+    systems: list[str],
+    environments: dict[str, Installed],
+    stores: Stores,
+    summaries: dict[str, Summary],
+    urls: dict[str, str],
+) -> AsyncIterator[dict[str, Server]]:
+    """Every installable system's server, each on a fresh database; a server that fails to start is reported."""
+    from contextlib import AsyncExitStack
+
+    servers: dict[str, Server] = {}
+    async with AsyncExitStack() as stack:
+        for name in systems:
+            if name not in environments:
+                continue
+            _, url = await stores.fresh("postgres")
+            assert url is not None
+            urls[name] = url
+            print(f"starting {name} ...", file=sys.stderr)
+            try:
+                servers[name] = await stack.enter_async_context(
+                    serve(PEERS[name], environments[name].python, url, stores.tmp)
+                )
+            except Exception as exc:  # noqa: BLE001 - reported in its row
+                summaries[name].status = f"server failed: {_describe(exc)}"
+        yield servers
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options and run."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    timing = parser.add_mutually_exclusive_group()
+    timing.add_argument("--duration", type=float, help="timed seconds per system per round (default 10)")
+    timing.add_argument("--calls", type=int, help="timed add_to_cart calls per session per round instead")
+    parser.add_argument("--sessions", type=int, default=64, help="concurrent client sessions (default 64)")
+    parser.add_argument("--inflight", type=int, default=4, help="calls in flight per session (default 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, order reversed each round (default 3)")
+    parser.add_argument("--warmup-calls", type=int, default=8, help="untimed calls per session per round (default 8)")
+    parser.add_argument("--postgres-url", help="admin URL of an existing PostgreSQL (default: a throwaway server)")
+    parser.add_argument(
+        "--systems",
+        default=",".join(PEERS),
+        help=f"comma-separated subset of {','.join(PEERS)} (default: all)",
+    )
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--reinstall", action="store_true", help="recreate the peers' virtualenvs")
+    args = parser.parse_args(argv)
+    if args.duration is None and args.calls is None:
+        args.duration = 10.0
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(PEERS)
+    if unknown or not args.systems:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(PEERS)}")
+    if args.sessions < 1 or args.inflight < 1 or args.rounds < 1:
+        parser.error("--sessions, --inflight and --rounds must be at least 1")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Every benchmark in one run, and a table of the targets they are held to.
+
+    python benchmarks/run_all.py [--quick] [--postgres-url URL] [--json-dir DIR]
+
+Runs, one after the other, against one PostgreSQL (a throwaway server unless
+`--postgres-url` names an admin URL) and one throwaway Redis:
+
+1. `bench_state.py` on memory, SQLite, PostgreSQL and Redis: stateful vs
+   stateless calls/s in-process and over streamable HTTP, latency at 1k vs 1M
+   stored sessions, and a 1-key vs a 1,000-key session;
+2. `bench_peers.py`: concierge vs fastmcp vs the original concierge-sdk on the
+   cart workload over streamable HTTP with 64 concurrent sessions (the peers in
+   virtualenvs of their own under benchmarks/.venvs/).
+
+Both print their own tables as they go; then a summary compares each figure
+with its target. Every ratio in it was measured in this run. `--quick` runs
+smaller series (for a smoke test of the scripts, not for figures to quote).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_state import Stores  # the scripts live side by side, not in a package
+
+# (what, target, how it is compared)
+THROUGHPUT_TARGETS = {"sqlite": 0.75, "postgres": 0.60, "redis": 0.60}
+SESSIONS_TARGET = 1.2  # latency at 1M stored sessions / at 1k, at most
+KEYS_TARGET = 1.5  # latency with 1,000 keys in the session / with 1, at most
+PEER_TARGETS = {"fastmcp": 2.0, "concierge-sdk": 3.0}  # concierge calls/s / the peer's, at least
+
+
+def _run(script: str, args: list[str]) -> None:
+    command = [sys.executable, str(HERE / script), *args]
+    print(f"\n$ python benchmarks/{script} {' '.join(a for a in args if 'postgresql://' not in a)}\n", flush=True)
+    done = subprocess.run(command, check=False)
+    if done.returncode != 0:
+        print(f"(benchmarks/{script} exited with {done.returncode})", flush=True)
+
+
+def _float(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _verdict(value: float, target: float, at_least: bool) -> str:
+    ok = value >= target if at_least else value <= target
+    return "met" if ok else "NOT met"
+
+
+def summary(state: dict[str, Any] | None, peers: dict[str, Any] | None) -> list[list[str]]:
+    """Rows of (measure, measured, target, verdict)."""
+    rows: list[list[str]] = []
+    tables = (state or {}).get("tables", {})
+    for label, key in (("in-process", "throughput_inprocess"), ("HTTP", "throughput_http")):
+        for row in tables.get(key, []):
+            backend, client, ratio = row[0], row[1], _float(row[4])
+            target = THROUGHPUT_TARGETS.get(backend)
+            if target is None:
+                continue
+            rows.append(
+                [
+                    f"stateful/stateless calls/s, {backend}, {label}, {client.strip()}",
+                    f"{ratio:.2f}",
+                    f">= {target}",
+                    _verdict(ratio, target, True),
+                ]
+            )
+    baseline_seen: set[str] = set()
+    for row in tables.get("sessions", []):
+        if row[0] not in baseline_seen:  # each backend's first row is its baseline
+            baseline_seen.add(row[0])
+        else:
+            value = _float(row[4])
+            rows.append(
+                [
+                    f"latency at {row[1].strip()} stored sessions / the fewest, {row[0]}",
+                    f"{value:.2f}",
+                    f"<= {SESSIONS_TARGET}",
+                    _verdict(value, SESSIONS_TARGET, False),
+                ]
+            )
+    for row in tables.get("keys", []):
+        if row[1].strip() != "1":
+            value = _float(row[4])
+            rows.append(
+                [
+                    f"latency with {row[1].strip()} / 1 key in the session, {row[0]}",
+                    f"{value:.2f}",
+                    f"<= {KEYS_TARGET}",
+                    _verdict(value, KEYS_TARGET, False),
+                ]
+            )
+    systems = (peers or {}).get("systems", {})
+    ours = systems.get("concierge", {}).get("summary")
+    if ours:
+        lost = int(ours.get("lost", 0))
+        rows.append(["lost updates, concierge", str(lost), "0", _verdict(lost, 0, False)])
+        for peer, target in PEER_TARGETS.items():
+            theirs = systems.get(peer, {}).get("summary")
+            if not theirs or theirs.get("status") != "ok" or not theirs.get("calls_per_s"):
+                rows.append([f"calls/s concierge / {peer}", "not measured", f">= {target}", "-"])
+                continue
+            ratio = ours["calls_per_s"] / theirs["calls_per_s"]
+            rows.append([f"calls/s concierge / {peer}", f"{ratio:.2f}", f">= {target}", _verdict(ratio, target, True)])
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+async def _admin_url(given: str | None) -> tuple[Stores, str]:
+    stores = Stores(given)
+    reason = await stores.available("postgres")
+    if reason:
+        raise SystemExit(f"PostgreSQL is needed for these benchmarks: {reason}")
+    return stores, stores.postgres_admin_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small series: checks the scripts run, not for quoting")
+    parser.add_argument("--postgres-url", help="admin URL of an existing PostgreSQL (default: a throwaway server)")
+    parser.add_argument("--json-dir", help="keep both scripts' JSON results in this directory")
+    args = parser.parse_args(argv)
+
+    loop = asyncio.new_event_loop()
+    stores, admin = loop.run_until_complete(_admin_url(args.postgres_url))
+    out = Path(args.json_dir) if args.json_dir else Path(tempfile.mkdtemp(prefix="concierge-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        state_args = ["--postgres-url", admin, "--transports", "inprocess,http", "--json", str(out / "state.json")]
+        peer_args = ["--postgres-url", admin, "--json", str(out / "peers.json")]
+        if args.quick:
+            state_args += ["--calls", "200", "--rounds", "4", "--sessions", "1000,20000"]
+            peer_args += ["--duration", "3", "--rounds", "1", "--sessions", "16"]
+        _run("bench_state.py", state_args)
+        _run("bench_peers.py", peer_args)
+    finally:
+        loop.run_until_complete(stores.close())
+        loop.close()
+
+    def load(name: str) -> dict[str, Any] | None:
+        path = out / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    rows = summary(load("state.json"), load("peers.json"))
+    print("\nTargets (every figure from this run)\n")
+    print(_table(["measure", "measured", "target", "verdict"], rows) if rows else "(no results)")
+    if args.json_dir:
+        print(f"\nJSON results in {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
