@@ -891,6 +891,14 @@ class Concierge(MCPServer[Any]):
             return unsaved(self._error(ctx, f"conflict: {exc}; nothing was saved, retry"), identity)
         except StateUnavailableError as exc:
             return unsaved(self._error(ctx, str(exc)), identity)
+        except MCPError:
+            raise  # the SDK's own protocol errors stay protocol errors
+        except Exception as exc:
+            # A store failure of a kind no backend maps (a driver bug, an unexpected server reply): still
+            # a tool error the model can read, and the unit of work was not committed.
+            logger.exception("concierge: tool %r failed outside the tool itself; nothing was saved", name)
+            message = f"the state store failed ({type(exc).__name__}); nothing this call wrote was saved"
+            return unsaved(self._error(ctx, message), identity)
         if unit is None:
             return self._error(ctx, str(await self._missing_session(identity)))
         if not isinstance(result, dict) or result.get("isError"):

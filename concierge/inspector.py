@@ -36,13 +36,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
 
 from concierge.errors import ConfigurationError, StateUnavailableError
 from concierge.roaming import companion
-from concierge.state import ENV_STATE_URL, StateBackend, backend_from_url
+from concierge.state import ENV_STATE_URL, StateBackend, backend_from_url, url_secrets
 from concierge.state.base import SessionRecord, SessionSummary
 
 __all__ = ["main", "scope_of", "storage_ids"]
@@ -581,15 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _secrets(url: str) -> set[str]:
     """Every spelling of the password(s) a URL carries, to scrub from messages."""
-    try:
-        parts = urlsplit(url)
-        found = [parts.password or ""]
-        found += [
-            v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in ("password", "sslpassword")
-        ]
-    except ValueError:
-        return set()
-    return {s for p in found if p for s in (p, unquote(p))}
+    return url_secrets(url)
 
 
 def _open_from_url(url: str | None, *, from_flag: bool) -> StateBackend:

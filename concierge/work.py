@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from concierge.errors import (
     ConciergeError,
+    ConfigurationError,
     ConflictError,
     NoSessionError,
     StateKeyError,
@@ -83,13 +84,26 @@ def current_unit(operation: str, scope: str = "session") -> UnitOfWork:
 
 
 def check_key(key: object) -> str:
-    """Validate a state key: a non-empty `str` of at most `MAX_KEY_LENGTH` characters."""
+    """Validate a state key: a non-empty `str` of at most `MAX_KEY_LENGTH` characters.
+
+    NUL and lone surrogates are refused too: PostgreSQL cannot store a NUL in text, and
+    no store (nor the JSON on the wire) can carry a lone surrogate.
+    """
     if not isinstance(key, str):
         raise StateKeyError(f"state key must be a str, not {type(key).__name__}")
     if not key:
         raise StateKeyError("state key must not be empty")
     if len(key) > MAX_KEY_LENGTH:
         raise StateKeyError(f"state key {key[:32]!r}... is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}")
+    if "\x00" in key:  # PostgreSQL text cannot hold it; refused everywhere so tools behave alike on every store
+        raise StateKeyError(f"state key {key[:32]!r} contains a NUL character (U+0000), which no store accepts")
+    if not key.isascii():
+        try:
+            key.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no store can keep it, and it cannot be sent as JSON
+            raise StateKeyError(
+                f"state key {key[:32]!r} is not valid Unicode text (it contains a lone surrogate)"
+            ) from None
     return key
 
 
@@ -121,12 +135,20 @@ def encode(key: str, value: Any, max_bytes: int | None = None) -> str:
         ) from None
     except ValueError as exc:  # NaN / Infinity, or a circular reference
         raise StateTypeError(f"state key {key!r}: value is not valid JSON ({exc})") from None
-    if max_bytes is not None:
+    except TypeError as exc:  # e.g. a dict key that is not str, int, float, bool or None
+        raise StateTypeError(f"state key {key!r}: value is not JSON-serialisable ({exc})") from None
+    except RecursionError:
+        raise StateTypeError(f"state key {key!r}: value is nested too deeply to encode as JSON") from None
+    try:
         size = len(text.encode())
-        if size > max_bytes:
-            raise StateValueError(
-                f"state key {key!r}: value is {size} bytes as JSON; the limit (max_value_bytes) is {max_bytes}"
-            )
+    except UnicodeEncodeError:
+        raise StateTypeError(
+            f"state key {key!r}: value contains a str that is not valid Unicode text (a lone surrogate)"
+        ) from None
+    if max_bytes is not None and size > max_bytes:
+        raise StateValueError(
+            f"state key {key!r}: value is {size} bytes as JSON; the limit (max_value_bytes) is {max_bytes}"
+        )
     return text
 
 
@@ -397,6 +419,13 @@ class SessionStore:
         snapshot_capacity: int = 4096,
         history: int = 0,
     ) -> None:
+        if max_value_bytes is not None and (
+            isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int) or max_value_bytes <= 0
+        ):
+            raise ConfigurationError(
+                f"max_value_bytes must be a positive whole number of bytes (or None for no limit), "
+                f"got {max_value_bytes!r}"
+            )
         self.backend = backend
         self.history = history
         self.ttl = ttl

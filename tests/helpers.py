@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +110,32 @@ class ServerProcess:
         self.kill()
         log = self.log().strip()
         if log:
-            print(f"--- log of server {' '.join(self.args)} (pid {self.proc.pid if self.proc else None}) ---\n{log}", file=sys.stderr)
+            print(
+                f"--- log of server {' '.join(self.args)} (pid {self.proc.pid if self.proc else None}) ---\n{log}",
+                file=sys.stderr,
+            )
         try:
             os.unlink(self._log.name)
         except OSError:
             pass
         self._log.close()
+
+
+def auth_server(state_url: str = "memory://", port: int | None = None) -> ServerProcess:
+    """tests/servers/auth_server.py (bearer tokens `token-<name>`), not started yet."""
+    port = port or free_port()
+    return ServerProcess([str(SERVERS / "auth_server.py"), str(port)], port=port, state_url=state_url)
+
+
+@contextmanager
+def running(*servers: ServerProcess) -> Iterator[None]:
+    """Start `servers` (as `start_all`) and close them all on leaving."""
+    start_all(*servers)
+    try:
+        yield
+    finally:
+        for server in servers:
+            server.close()
 
 
 def start_all(*servers: ServerProcess, timeout: float = 20.0) -> None:

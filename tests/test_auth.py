@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import anyio
+import helpers
 import httpx2
 import pytest
-from helpers import SERVERS, ServerProcess, free_port, handle_of, payload, text
+from helpers import ServerProcess, handle_of, payload, text
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -23,13 +24,9 @@ LIMIT = 30
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    port = free_port()
-    proc = ServerProcess([str(SERVERS / "auth_server.py"), str(port)], port=port, state_url="memory://")
-    proc.start().wait_ready()
-    try:
+    proc = helpers.auth_server()
+    with helpers.running(proc):
         yield proc
-    finally:
-        proc.close()
 
 
 def as_user(server: ServerProcess, name: str, *, mode: str | None = None) -> Client:

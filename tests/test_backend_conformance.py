@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from concierge.errors import ConflictError
@@ -187,7 +188,13 @@ async def test_load_with_current_known_version_skips_values(backend: StateBacken
     await _make(backend, "s1", {f"k{i}": str(i) for i in range(50)}, stage="st", owner="o", expires_at=NOW + 5)
     record = await backend.load("s1", now=NOW, known_version=1)
     assert record is not None
-    assert (record.version, record.values, record.stage, record.owner, record.expires_at) == (1, None, "st", "o", NOW + 5)
+    assert (record.version, record.values, record.stage, record.owner, record.expires_at) == (
+        1,
+        None,
+        "st",
+        "o",
+        NOW + 5,
+    )
 
 
 async def test_load_with_stale_known_version_returns_all_values(backend: StateBackend) -> None:
@@ -375,7 +382,7 @@ async def test_concurrent_cross_session_commits_in_opposite_orders_all_land(back
                     await backend.commit_all(commits[::-1] if reverse else commits, now=NOW)
                     break
                 except ConflictError:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
 
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
@@ -416,7 +423,7 @@ async def test_concurrent_increments_on_one_session_with_retry_lose_nothing(back
                     await backend.commit(Commit("s1", record.version, {"n": str(n + 1), f"w{worker}": "1"}), now=NOW)
                     break
                 except ConflictError:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
 
     async with anyio.create_task_group() as tg:
         for w in range(workers):
@@ -451,7 +458,11 @@ async def test_committed_session_survives_a_restart(durable_state_url: str) -> N
         record = await second.load("s1", now=NOW)
     assert record is not None
     assert (record.version, record.values, record.stage, record.owner, record.expires_at) == (
-        2, {"a": "1"}, "cart", "alice", NOW + 60
+        2,
+        {"a": "1"},
+        "cart",
+        "alice",
+        NOW + 60,
     )
 
 
@@ -494,7 +505,10 @@ def start_together(url: str, names: list[str], tmp: Path) -> list[subprocess.Com
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, url, name, str(tmp / f"ready-{name}"), str(go)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name in names
     ]

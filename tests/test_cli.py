@@ -318,8 +318,19 @@ async def test_wheel_install_bundles_the_examples_and_serves_them(tmp_path: Path
     )
     python = str(venv / "bin" / "python")
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            str(REPO),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

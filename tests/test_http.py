@@ -247,4 +247,3 @@ async def test_two_server_processes_sharing_a_store_never_drop_a_write_to_one_se
     finally:
         a.close()
         b.close()
-

@@ -11,9 +11,10 @@ import json
 import re
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import anyio
+import anyio.lowlevel
 import pytest
 from helpers import HANDLE_KEY, handle_of, has_handle, payload, text, texts
 from mcp import Client
@@ -103,7 +104,7 @@ def make_app(state_url: str) -> Concierge:
 
     @app.tool()
     def store_model() -> dict:
-        app.set_state("item", Item(name="tea", added=datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc), qty=2))
+        app.set_state("item", Item(name="tea", added=datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC), qty=2))
         return {"stored": True}
 
     @app.resource("cart://items")
@@ -140,7 +141,7 @@ async def test_legacy_two_connections_are_isolated_and_each_persists(app: Concie
                 for i in range(5):
                     result = await client.call_tool("add", {"item": f"{prefix}{i}"})
                     assert not has_handle(result), "a legacy connection has its own session; no handle expected"
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(fill, one, "a")

@@ -19,14 +19,14 @@ import json
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx2
 import pytest
-from helpers import SERVERS, ServerProcess, free_port, payload, start_all, text
+from helpers import SERVERS, ServerProcess, auth_server, free_port, payload, running, text
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -92,16 +92,6 @@ async def raw_post(url: str, session_id: str, *, token: str | None = None) -> ht
         return await http.post(url, headers=headers, content=json.dumps(body))
 
 
-@contextmanager
-def running(*servers: ServerProcess) -> Iterator[None]:
-    start_all(*servers)
-    try:
-        yield
-    finally:
-        for server in servers:
-            server.close()
-
-
 def staged(port: int, state_url: str) -> ServerProcess:
     return ServerProcess([str(SERVERS / "staged_server.py"), str(port), state_url], port=port, state_url=state_url)
 
@@ -113,7 +103,7 @@ def cart(state_url: str, port: int | None = None, *extra: str) -> ServerProcess:
 
 
 def auth(port: int, state_url: str) -> ServerProcess:
-    return ServerProcess([str(SERVERS / "auth_server.py"), str(port)], port=port, state_url=state_url)
+    return auth_server(state_url, port)
 
 
 # -- restart -------------------------------------------------------------------------------------

@@ -251,9 +251,10 @@ async def test_legacy_advertises_tools_list_changed() -> None:
 async def test_list_changed_goes_to_the_transitioning_session_only() -> None:
     app, _ = make_shop()
     mine, theirs = Notifications(), Notifications()
-    async with connect(app, "legacy", message_handler=mine) as me, connect(
-        app, "legacy", message_handler=theirs
-    ) as other:
+    async with (
+        connect(app, "legacy", message_handler=mine) as me,
+        connect(app, "legacy", message_handler=theirs) as other,
+    ):
         await me.ok("add_to_cart", product_id="p1")
         await me.refused("proceed_to_next_stage", target_stage="checkout")
         await anyio.sleep(0.05)
@@ -279,6 +280,7 @@ async def test_modern_lists_every_tool_whatever_the_stage() -> None:
     app, _ = make_shop()
     notes = Notifications()
     async with connect(app, "modern", message_handler=notes) as s, connect(app, "modern") as other:
+
         async def listing(session: Session) -> list[dict[str, Any]]:
             listed = await session.client.list_tools(cache_mode="refresh")
             return [tool.model_dump() for tool in listed.tools]
@@ -450,9 +452,7 @@ async def test_stage_survives_a_server_restart(durable_state_url: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_a_tool_that_raises_after_a_transition_leaves_the_stage_unchanged(
-    mode: str, state_url: str
-) -> None:
+async def test_a_tool_that_raises_after_a_transition_leaves_the_stage_unchanged(mode: str, state_url: str) -> None:
     app, runs = make_shop(state_url)
     notes = Notifications()
     async with connect(app, mode, message_handler=notes) as s:

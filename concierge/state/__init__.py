@@ -38,6 +38,8 @@ REDIS_EXTRA = 'pip install "concierge[redis]"'
 
 def redact_url(url: str) -> str:
     """`url` with any password (in the authority or a `password=` query item) replaced by `***`."""
+    if _misread(url):
+        url = _mask_loose(url)
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -60,6 +62,10 @@ _SECRET_PARAMS = frozenset({"password", "sslpassword"})
 
 def url_secrets(url: str) -> set[str]:
     """Every spelling (as written, percent-decoded) of the passwords in `url`, to scrub from driver messages."""
+    return _parsed_secrets(url) | _loose_secrets(url)
+
+
+def _parsed_secrets(url: str) -> set[str]:
     try:
         parts = urlsplit(url)
         found = [parts.password or "", *(v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_PARAMS)]
@@ -68,16 +74,58 @@ def url_secrets(url: str) -> set[str]:
     return {s for p in found if p for s in (p, unquote(p))}
 
 
+def _loose_secrets(url: str) -> set[str]:
+    """What a password written without percent-encoding would be: everything between the first ':' after
+    `scheme://` and the last '@'. A '#', '/' or '?' in it ends the authority early, so `urlsplit`
+    misreads such a URL (and finds no password, or a piece of one)."""
+    _, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    _, colon, password = userinfo.partition(":")
+    if not (sep and at and colon and password):
+        return set()
+    return {password, unquote(password)}
+
+
+def _misread(url: str) -> bool:
+    """Whether `url` may hold a password `urlsplit` does not see (written without percent-encoding)."""
+    return bool(_loose_secrets(url) - _parsed_secrets(url))
+
+
+def _mask_loose(url: str) -> str:
+    """`url` with everything between the first ':' after `scheme://` and the last '@' replaced by `***`."""
+    scheme, _, rest = url.partition("://")
+    userinfo, _, host = rest.rpartition("@")
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
+
+
 def backend_from_url(url: str | None) -> StateBackend:
     """Build the backend a state URL names (`None` or empty -> memory).
 
     Raises:
         ConfigurationError: the scheme is not supported or the URL is malformed;
-            the message names `CONCIERGE_STATE_URL` and the supported forms.
+            the message names `CONCIERGE_STATE_URL` and the supported forms, and
+            never the password.
     """
     if url is None or not url.strip():
         return MemoryBackend()
     url = url.strip()
+    try:
+        return _backend_from_url(url)
+    except ConfigurationError as exc:
+        message = str(exc)
+        if _misread(url):  # the parser's own message may hold any piece of it: say only what is wrong
+            message = (
+                f"{ENV_STATE_URL}={redact_url(url)!r} cannot be parsed; if its password contains '@', ':', '/', "
+                f"'?', '#' or '%', write them percent-encoded (%40, %3A, %2F, %3F, %23, %25); supported: {SUPPORTED}"
+            )
+        for secret in sorted(url_secrets(url), key=len, reverse=True):
+            message = message.replace(secret, "***")
+        if message == str(exc):
+            raise
+        raise ConfigurationError(message) from None
+
+
+def _backend_from_url(url: str) -> StateBackend:
     try:
         parts = urlsplit(url)
     except ValueError as exc:
