@@ -42,7 +42,8 @@ PEER_TARGETS = {"fastmcp": 2.0, "concierge-sdk": 3.0}  # concierge calls/s / the
 
 def _run(script: str, args: list[str]) -> None:
     command = [sys.executable, str(HERE / script), *args]
-    print(f"\n$ python benchmarks/{script} {' '.join(a for a in args if 'postgresql://' not in a)}\n", flush=True)
+    shown = ["<admin URL>" if a.startswith(("postgresql://", "postgres://")) else a for a in args]
+    print(f"\n$ python benchmarks/{script} {' '.join(shown)}\n", flush=True)
     done = subprocess.run(command, check=False)
     if done.returncode != 0:
         print(f"(benchmarks/{script} exited with {done.returncode})", flush=True)
