@@ -47,14 +47,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import logging
 import math
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -65,7 +63,7 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
-from bench_state import Stores, _free_port
+from bench_state import Stores, _free_port, listening
 from mcp.client import Client
 
 HERE = Path(__file__).resolve().parent
@@ -287,36 +285,13 @@ async def serve(peer: Peer, python: str, state_url: str, tmp: Path, timeout: flo
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    url = f"http://127.0.0.1:{port}/mcp"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.returncode is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {_tail(log)}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not listen within {timeout:.0f}s: {_tail(log)}") from None
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            break
+    async with listening(proc, port, timeout=timeout, name=f"{peer.name} server", log=lambda: _tail(log)) as url:
         async with Client(url, mode="legacy", read_timeout_seconds=30) as client:
             tools = {t.name for t in (await client.list_tools()).tools}
         missing = {"add_to_cart", "view_cart", *([peer.session_tool] if peer.session_tool else [])} - tools
         if missing:
             raise RuntimeError(f"server lists no {sorted(missing)} (it lists {sorted(tools)})")
         yield Server(peer, url, proc, log)
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 def _tail(log: Path, lines: int = 6) -> str:
@@ -685,9 +660,7 @@ async def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - reported in its row
             summaries[name].status = f"install failed: {_describe(exc)}"
     stores = Stores(args.postgres_url)
-    reason = stores.available("postgres")
-    if inspect.isawaitable(reason):  # async in newer versions of bench_state
-        reason = await reason
+    reason = await stores.available("postgres")
     if reason:
         print(f"no PostgreSQL: {reason}", file=sys.stderr)
         return 1

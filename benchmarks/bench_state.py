@@ -63,7 +63,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +207,43 @@ def _free_port() -> int:
 
 
 @asynccontextmanager
+async def listening(
+    proc: asyncio.subprocess.Process, port: int, *, timeout: float, name: str, log: Callable[[], str]
+) -> AsyncIterator[str]:
+    """Wait until the server `proc` accepts connections on `port`; yield its streamable-HTTP URL; stop it on exit.
+
+    Fails with `log()` in the message if the server exits first or does not listen
+    within `timeout` seconds. Stopping is SIGTERM, then SIGKILL after 10 s.
+    """
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log()}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{name} did not listen on port {port} within {timeout:.0f}s:\n{log()}"
+                    ) from None
+                await asyncio.sleep(0.05)
+            else:
+                writer.close()
+                await writer.wait_closed()
+                break
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@asynccontextmanager
 async def http_server(role: str, state_url: str | None, tmp: Path) -> AsyncIterator[str]:
     """A `--serve role` subprocess on a free port; yields its streamable-HTTP URL, stops it on exit."""
     port = _free_port()
@@ -228,30 +265,10 @@ async def http_server(role: str, state_url: str | None, tmp: Path) -> AsyncItera
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.returncode is not None:
-                raise RuntimeError(f"{role} server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{role} server did not listen on port {port} within 30s") from None
-                await asyncio.sleep(0.05)
-            else:
-                writer.close()
-                await writer.wait_closed()
-                break
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    async with listening(
+        proc, port, timeout=30, name=f"{role} server", log=lambda: log.read_text(errors="replace")
+    ) as url:
+        yield url
 
 
 # -- stores ---------------------------------------------------------------------------
