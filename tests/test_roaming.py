@@ -19,7 +19,7 @@ import json
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -77,8 +77,10 @@ async def legacy_client(
             yield client, wire
 
 
-async def raw_post(url: str, session_id: str, *, token: str | None = None) -> httpx2.Response:
-    """One legacy `tools/list` request naming `session_id`, as any client would send it."""
+async def raw_post(
+    url: str, session_id: str, *, token: str | None = None, http: httpx2.AsyncClient | None = None
+) -> httpx2.Response:
+    """One legacy `tools/list` request naming `session_id`, as any client would send it (through `http`, if given)."""
     headers = {
         "mcp-session-id": session_id,
         "mcp-protocol-version": HANDSHAKE_VERSION,
@@ -87,9 +89,19 @@ async def raw_post(url: str, session_id: str, *, token: str | None = None) -> ht
     }
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
-    async with httpx2.AsyncClient(timeout=10) as http:
-        return await http.post(url, headers=headers, content=json.dumps(body))
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}})
+    if http is not None:
+        return await http.post(url, headers=headers, content=body)
+    async with httpx2.AsyncClient(timeout=10) as own:
+        return await own.post(url, headers=headers, content=body)
+
+
+async def assert_not_found(url: str, session_id: str | None, *, token: str | None = None) -> httpx2.Response:
+    """The SDK's answer to an id it does not serve: `404 Session not found`."""
+    assert session_id is not None
+    response = await raw_post(url, session_id, token=token)
+    assert response.status_code == 404, response.text
+    return response
 
 
 def staged(port: int, state_url: str) -> ServerProcess:
@@ -100,10 +112,6 @@ def cart(state_url: str, port: int | None = None, *extra: str) -> ServerProcess:
     port = port or free_port()
     args = [str(SERVERS / "cart_server.py"), "streamable-http", str(port), *extra]
     return ServerProcess(args, port=port, state_url=state_url)
-
-
-def auth(port: int, state_url: str) -> ServerProcess:
-    return auth_server(state_url, port)
 
 
 # -- restart -------------------------------------------------------------------------------------
@@ -134,41 +142,50 @@ async def test_legacy_session_survives_kill_9_with_its_cart_and_stage(persistent
 
 
 async def test_restarted_session_keeps_writing_and_a_second_restart_keeps_it_all(persistent_state_url: str) -> None:
-    port = free_port()
     with anyio.fail_after(LIMIT):
-        async with AsyncExitStackWithServers() as servers:
-            servers.start(cart(persistent_state_url, port))
-            async with legacy_client(f"http://127.0.0.1:{port}/mcp") as (client, _):
+        async with OnePort(lambda port: cart(persistent_state_url, port)) as servers:
+            servers.start()
+            async with legacy_client(servers.url) as (client, _):
                 for round_ in range(3):
                     for i in range(3):
                         await client.call_tool("add_to_cart", {"item": f"{round_}-{i}"})
-                    servers.kill_all()
-                    servers.start(cart(persistent_state_url, port))
+                    servers.restart()
                 cart_now = payload(await client.call_tool("view_cart", {}))["cart"]
                 assert cart_now == [f"{r}-{i}" for r in range(3) for i in range(3)]
 
 
-class AsyncExitStackWithServers:
-    """Servers started one after another on the same port; every one is closed at exit."""
+class OnePort:
+    """Server processes started one after another on one port, each made by `make(port)`; all closed at exit.
 
-    def __init__(self) -> None:
+    `restart()` is `kill -9` of what runs, then a new process on the same port and store.
+    """
+
+    def __init__(self, make: Callable[[int], ServerProcess]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self._make = make
         self.all: list[ServerProcess] = []
 
-    async def __aenter__(self) -> AsyncExitStackWithServers:
+    async def __aenter__(self) -> OnePort:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for server in self.all:
             server.close()
 
-    def start(self, server: ServerProcess) -> ServerProcess:
+    def start(self) -> ServerProcess:
+        server = self._make(self.port)
         self.all.append(server)
         server.start().wait_ready()
         return server
 
-    def kill_all(self) -> None:
+    def kill(self) -> None:
         for server in self.all:
             server.kill()
+
+    def restart(self) -> ServerProcess:
+        self.kill()
+        return self.start()
 
 
 # -- replicas ------------------------------------------------------------------------------------
@@ -208,98 +225,72 @@ async def test_unknown_session_id_is_404_and_never_adopted(persistent_state_url:
     server = cart(persistent_state_url)
     with anyio.fail_after(LIMIT), running(server):
         forged = secrets.token_hex(16)
-        response = await raw_post(server.url, forged)
-        assert response.status_code == 404, response.text
-        assert (await raw_post(server.url, forged)).status_code == 404  # still not known: nothing was created
+        await assert_not_found(server.url, forged)
+        await assert_not_found(server.url, forged)  # still not known: nothing was created
 
 
 async def test_other_principals_session_id_is_404_after_a_restart(persistent_state_url: str) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/mcp"
     with anyio.fail_after(LIMIT):
-        async with AsyncExitStackWithServers() as servers:
-            servers.start(auth(port, persistent_state_url))
-            async with legacy_client(url, token="token-alice") as (alice, wire):
+        async with OnePort(lambda port: auth_server(persistent_state_url, port)) as servers:
+            servers.start()
+            async with legacy_client(servers.url, token="token-alice") as (alice, wire):
                 await alice.call_tool("note", {"text": "alice's"})
-                servers.kill_all()
-                servers.start(auth(port, persistent_state_url))
-                assert wire.session_id is not None
-                stolen = await raw_post(url, wire.session_id, token="token-mallory")
-                assert stolen.status_code == 404, stolen.text
+                servers.restart()
+                stolen = await assert_not_found(servers.url, wire.session_id, token="token-mallory")
                 assert "alice's" not in stolen.text
                 # the owner still gets it back, with its state
                 assert payload(await alice.call_tool("note", {"text": "again"}))["notes"] == ["alice's", "again"]
-                other = await raw_post(url, wire.session_id, token="token-mallory")  # now held in memory
-                assert other.status_code == 404
+                await assert_not_found(servers.url, wire.session_id, token="token-mallory")  # now held in memory
 
 
 async def test_deleted_session_is_404_and_not_revived_after_a_restart(persistent_state_url: str) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/mcp"
     with anyio.fail_after(LIMIT):
-        async with AsyncExitStackWithServers() as servers:
-            servers.start(cart(persistent_state_url, port))
-            async with legacy_client(url) as (client, wire):
+        async with OnePort(lambda port: cart(persistent_state_url, port)) as servers:
+            servers.start()
+            async with legacy_client(servers.url) as (client, wire):
                 await client.call_tool("add_to_cart", {"item": "x"})
-                session_id = wire.session_id
-            assert session_id is not None  # the client sent DELETE on leaving
-            assert (await raw_post(url, session_id)).status_code == 404
-            servers.kill_all()
-            servers.start(cart(persistent_state_url, port))
-            assert (await raw_post(url, session_id)).status_code == 404
+            # the client sent DELETE on leaving
+            await assert_not_found(servers.url, wire.session_id)
+            servers.restart()
+            await assert_not_found(servers.url, wire.session_id)
 
 
 async def test_delete_reaching_another_process_ends_the_session_everywhere(persistent_state_url: str) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/mcp"
     with anyio.fail_after(LIMIT):
-        async with AsyncExitStackWithServers() as servers:
-            servers.start(cart(persistent_state_url, port))
-            async with legacy_client(url) as (client, wire):
+        async with OnePort(lambda port: cart(persistent_state_url, port)) as servers:
+            servers.start()
+            async with legacy_client(servers.url) as (client, wire):
                 await client.call_tool("add_to_cart", {"item": "x"})
-                session_id = wire.session_id
-                servers.kill_all()
-                servers.start(cart(persistent_state_url, port))
+                servers.restart()
                 # leaving the block sends DELETE to a process that never held the session
-            assert session_id is not None
-            assert (await raw_post(url, session_id)).status_code == 404
-            servers.kill_all()
-            servers.start(cart(persistent_state_url, port))
-            assert (await raw_post(url, session_id)).status_code == 404
+            await assert_not_found(servers.url, wire.session_id)
+            servers.restart()
+            await assert_not_found(servers.url, wire.session_id)
 
 
 async def test_expired_session_is_404_after_a_restart(
     persistent_state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CONCIERGE_SESSION_TTL", "1")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/mcp"
     with anyio.fail_after(LIMIT):
-        async with AsyncExitStackWithServers() as servers:
-            servers.start(cart(persistent_state_url, port))
-            async with legacy_client(url) as (client, wire):
+        async with OnePort(lambda port: cart(persistent_state_url, port)) as servers:
+            servers.start()
+            async with legacy_client(servers.url) as (client, wire):
                 await client.call_tool("add_to_cart", {"item": "x"})
-                session_id = wire.session_id
-                servers.kill_all()
+                servers.kill()
                 await anyio.sleep(1.5)
-                servers.start(cart(persistent_state_url, port))
-                assert session_id is not None
-                assert (await raw_post(url, session_id)).status_code == 404
+                servers.start()
+                await assert_not_found(servers.url, wire.session_id)
 
 
 async def test_roaming_off_keeps_the_sdks_404_after_a_restart(persistent_state_url: str) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/mcp"
     with anyio.fail_after(LIMIT):
-        async with AsyncExitStackWithServers() as servers:
-            servers.start(cart(persistent_state_url, port, "--no-roaming"))
-            async with legacy_client(url) as (client, wire):
+        async with OnePort(lambda port: cart(persistent_state_url, port, "--no-roaming")) as servers:
+            servers.start()
+            async with legacy_client(servers.url) as (client, wire):
                 await client.call_tool("add_to_cart", {"item": "x"})
-                session_id = wire.session_id
-                servers.kill_all()
-                servers.start(cart(persistent_state_url, port, "--no-roaming"))
-                assert session_id is not None
-                assert (await raw_post(url, session_id)).status_code == 404
+                servers.restart()
+                await assert_not_found(servers.url, wire.session_id)
 
 
 async def test_store_down_answers_503_not_404() -> None:
@@ -315,41 +306,30 @@ async def test_store_down_answers_503_not_404() -> None:
         async with app.session_manager.run():
             transport = httpx2.ASGITransport(app=asgi)
             async with httpx2.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
-                response = await http.post(
-                    "/mcp",
-                    headers={
-                        "mcp-session-id": secrets.token_hex(16),
-                        "mcp-protocol-version": HANDSHAKE_VERSION,
-                        "accept": "application/json, text/event-stream",
-                        "content-type": "application/json",
-                    },
-                    content=json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}),
-                )
+                response = await raw_post("/mcp", secrets.token_hex(16), http=http)
     assert response.status_code == 503, response.text
     assert "unavailable" in response.json()["error"]["message"]
 
 
 async def test_inspector_lists_wire_records_and_deleting_a_session_ends_its_roaming(tmp_path: Any) -> None:
     url = f"sqlite:///{tmp_path}/state.db"
-    port = free_port()
-    server_url = f"http://127.0.0.1:{port}/mcp"
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "concierge", "sessions", *args, "--url", url]
         return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
 
     with anyio.fail_after(LIMIT):
-        async with AsyncExitStackWithServers() as servers:
-            servers.start(cart(url, port))
-            async with legacy_client(server_url) as (client, wire):
+        async with OnePort(lambda port: cart(url, port)) as servers:
+            servers.start()
+            async with legacy_client(servers.url) as (client, wire):
                 await client.call_tool("add_to_cart", {"item": "x"})
                 session_id = wire.session_id
                 assert session_id is not None
-                servers.kill_all()
+                servers.kill()
                 listed = json.loads(cli("list", "--scope", "wire", "--json").stdout)
                 assert [row["session_id"] for row in listed] == [f"wire:{session_id}"]
                 deleted = cli("delete", f"http:{session_id}")
                 assert deleted.returncode == 0, deleted.stderr
                 assert json.loads(cli("list", "--scope", "wire", "--json").stdout) == []
-                servers.start(cart(url, port))
-                assert (await raw_post(server_url, session_id)).status_code == 404
+                servers.start()
+                await assert_not_found(servers.url, session_id)
