@@ -93,12 +93,19 @@ _SESSION_ARG_SCHEMA = {
 }
 
 
-def _seconds(ttl: float | timedelta | None) -> float | None:
+def _seconds(
+    ttl: float | timedelta | None,
+    *,
+    what: str = "session_ttl",
+    none: str = " for never",
+    error: type[Exception] = ConfigurationError,
+) -> float | None:
+    """A positive duration in seconds from seconds or a `timedelta`; `None` stays `None` (no limit)."""
     if ttl is None:
         return None
     seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
     if seconds <= 0:
-        raise ConfigurationError(f"session_ttl must be positive (or None for never), got {ttl!r}")
+        raise error(f"{what} must be positive (or None{none}), got {ttl!r}")
     return seconds
 
 
@@ -1100,9 +1107,4 @@ def _hook_args(hook: Callable[..., Any], given: dict[str, Any]) -> list[Any]:
 
 
 def _cache_ttl(ttl: float | timedelta | None) -> float | None:
-    if ttl is None:
-        return None
-    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
-    if seconds <= 0:
-        raise ValueError(f"cache ttl must be positive (or None: until the session ends), got {ttl!r}")
-    return seconds
+    return _seconds(ttl, what="cache ttl", none=": until the session ends", error=ValueError)
