@@ -61,46 +61,32 @@ def _verdict(value: float, target: float, at_least: bool) -> str:
 def summary(state: dict[str, Any] | None, peers: dict[str, Any] | None) -> list[list[str]]:
     """Rows of (measure, measured, target, verdict)."""
     rows: list[list[str]] = []
+
+    def add(measure: str, value: float, target: float, at_least: bool) -> None:
+        bound = f">= {target}" if at_least else f"<= {target}"
+        rows.append([measure, f"{value:.2f}", bound, _verdict(value, target, at_least)])
+
     tables = (state or {}).get("tables", {})
     for label, key in (("in-process", "throughput_inprocess"), ("HTTP", "throughput_http")):
         for row in tables.get(key, []):
             backend, client, ratio = row[0], row[1], _float(row[4])
-            target = THROUGHPUT_TARGETS.get(backend)
-            if target is None:
-                continue
-            rows.append(
-                [
+            if backend in THROUGHPUT_TARGETS:
+                add(
                     f"stateful/stateless calls/s, {backend}, {label}, {client.strip()}",
-                    f"{ratio:.2f}",
-                    f">= {target}",
-                    _verdict(ratio, target, True),
-                ]
-            )
-    baseline_seen: set[str] = set()
-    for row in tables.get("sessions", []):
-        if row[0] not in baseline_seen:  # each backend's first row is its baseline
+                    ratio,
+                    THROUGHPUT_TARGETS[backend],
+                    True,
+                )
+    # Each backend's first row in these tables is its baseline; the others are compared with it.
+    for key, measure, target in (
+        ("sessions", "latency at {n} stored sessions / the fewest, {backend}", SESSIONS_TARGET),
+        ("keys", "latency with {n} / 1 key in the session, {backend}", KEYS_TARGET),
+    ):
+        baseline_seen: set[str] = set()
+        for row in tables.get(key, []):
+            if row[0] in baseline_seen:
+                add(measure.format(n=row[1].strip(), backend=row[0]), _float(row[4]), target, False)
             baseline_seen.add(row[0])
-        else:
-            value = _float(row[4])
-            rows.append(
-                [
-                    f"latency at {row[1].strip()} stored sessions / the fewest, {row[0]}",
-                    f"{value:.2f}",
-                    f"<= {SESSIONS_TARGET}",
-                    _verdict(value, SESSIONS_TARGET, False),
-                ]
-            )
-    for row in tables.get("keys", []):
-        if row[1].strip() != "1":
-            value = _float(row[4])
-            rows.append(
-                [
-                    f"latency with {row[1].strip()} / 1 key in the session, {row[0]}",
-                    f"{value:.2f}",
-                    f"<= {KEYS_TARGET}",
-                    _verdict(value, KEYS_TARGET, False),
-                ]
-            )
     systems = (peers or {}).get("systems", {})
     ours = systems.get("concierge", {}).get("summary")
     if ours:
