@@ -243,7 +243,6 @@ async def _adopt(manager: StreamableHTTPSessionManager, session_id: str, scope: 
                         dispatcher, session_id=session_id, protocol_version_hint=found.protocol_version
                     )
                     connection.client_params = params
-                    connection.protocol_version = found.protocol_version
                     connection.initialized.set()
                     await serve_connection(
                         manager.app,

@@ -52,7 +52,7 @@ from concierge.errors import (
     UnknownSessionError,
 )
 from concierge.live import LiveObjects
-from concierge.roaming import Roaming
+from concierge.roaming import HTTP_PREFIX, Roaming
 from concierge.sessions import HANDLE_META_KEY, HANDLE_PREFIX, Identity
 from concierge.stages import StageGraph
 from concierge.state import ENV_STATE_URL, SessionRecord, StateBackend, backend_from_url
@@ -629,7 +629,7 @@ class Concierge(MCPServer[Any]):
         if not session_id or ctx.request is None or not isinstance(version, str):
             return  # not a streamable-HTTP session: nothing can roam
         owner = sessions.principal()
-        identity = Identity(session_id="http:" + session_id, via_handle=False, owner=owner)
+        identity = Identity(session_id=HTTP_PREFIX + session_id, via_handle=False, owner=owner)
 
         async def run(unit: UnitOfWork) -> None:
             return None
@@ -842,7 +842,7 @@ class Concierge(MCPServer[Any]):
         if connection.state.get(_CLOSE_REGISTERED) == session_id:
             return
         connection.state[_CLOSE_REGISTERED] = session_id
-        if self._roaming is not None and session_id.startswith("http:"):
+        if self._roaming is not None and session_id.startswith(HTTP_PREFIX):
             # A roaming session outlives its connection here (a restart, the SDK's idle timeout, another
             # replica): only what this process holds for it ends now; an HTTP DELETE ends the session.
             connection.exit_stack.push_async_callback(self._live.end_session, session_id)

@@ -40,7 +40,7 @@ from typing import Any
 import anyio
 
 from concierge.errors import ConfigurationError, StateUnavailableError
-from concierge.roaming import companion
+from concierge.roaming import WIRE_PREFIX, companion
 from concierge.state import ENV_STATE_URL, StateBackend, backend_from_url, url_secrets
 from concierge.state.base import SessionRecord, SessionSummary
 
@@ -57,7 +57,6 @@ SESSION_PREFIXES = ("h:", "http:", "sse:", "stdio:", "conn:")
 USER_PREFIX = "user:"
 GLOBAL_ID = "global"
 HANDLE_PREFIX = "h:"
-WIRE_PREFIX = "wire:"
 #: "wire" records hold what a legacy HTTP session negotiated, so another process can serve it (roaming).
 SCOPES = ("session", "user", "global", "wire")
 
