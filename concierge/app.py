@@ -63,7 +63,6 @@ __all__ = ["Concierge"]
 logger = logging.getLogger("concierge")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_T = TypeVar("_T")
 
 START_SESSION = "start_session"
 PROCEED = "proceed_to_next_stage"
