@@ -18,6 +18,7 @@ keyed by a transport id, and a transport id can never be supplied as a handle.
 from __future__ import annotations
 
 import contextvars
+import functools
 import getpass
 import os
 import re
@@ -98,6 +99,7 @@ def closes_with_connection(session_id: str) -> bool:
     return session_id.startswith(("http:", "sse:", "conn:"))
 
 
+@functools.cache  # asked on every call of a local connection; a process keeps its user
 def _os_user() -> str:
     try:
         return getpass.getuser()

@@ -16,8 +16,9 @@ import aiosqlite
 import anyio
 import pytest
 
-from concierge.errors import ConfigurationError, StateUnavailableError
+from concierge.errors import ConfigurationError, ConflictError, StateUnavailableError
 from concierge.state import Commit, backend_from_url
+from concierge.state import sqlite as sqlite_module
 from concierge.state.sqlite import SQLiteBackend
 
 pytestmark = pytest.mark.anyio
@@ -241,9 +242,7 @@ class _ThreadCalls:
         return calls
 
 
-async def test_sqlite_load_is_one_call_and_a_one_key_commit_three(
-    backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_sqlite_load_is_one_call_and_an_update_one(backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     await backend.commit(Commit("s1", 0, {"count": "0"}), now=NOW)
     conn = backend._conn
     assert conn is not None
@@ -251,13 +250,66 @@ async def test_sqlite_load_is_one_call_and_a_one_key_commit_three(
     record = await backend.load("s1", now=NOW, known_version=1)
     assert record is not None and record.values is None
     assert counted.take() == ["execute_fetchall"]
+    # an update of a live session: one statement, whatever keys it writes or deletes, and the stage
     assert await backend.commit(Commit("s1", 1, {"count": "1"}), now=NOW) == 2
-    # the version bump (with the BEGIN IMMEDIATE sqlite3 sends before it), the value, COMMIT
-    assert counted.take() == ["execute", "execute", "execute"]
-    assert await backend.commit(Commit("s1", 2, {"a": "1", "b": "2"}), now=NOW) == 3
-    assert counted.take() == ["execute", "executemany", "execute"]
+    assert counted.take() == ["execute"]
+    assert await backend.commit(Commit("s1", 2, {"a": "1", "b": "2", "count": None}, stage="pay"), now=NOW) == 3
+    assert counted.take() == ["execute"]
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and (record.version, record.values, record.stage) == (3, {"a": "1", "b": "2"}, "pay")
+    counted.take()
+    # a checkpoint, a clear or several sessions: one transaction of several statements
+    assert await backend.commit(Commit("s1", 3, {"a": "2"}, clear=True), now=NOW) == 4
+    assert counted.take() == ["execute", "execute", "execute", "execute"]
     assert await backend.touch("s1", expires_at=None, now=NOW)
     assert counted.take() == ["execute", "execute"]
+
+
+async def test_sqlite_one_statement_update_is_all_or_nothing(backend: SQLiteBackend) -> None:
+    """A statement that fails after the trigger has bumped the version leaves the session as it was."""
+    await backend.commit(Commit("s1", 0, {"a": "1", "b": "1"}), now=NOW)
+    conn = backend._conn
+    assert conn is not None
+    # a NULL value breaks the values table's NOT NULL after the bump and the delete have run
+    args = ("s1", 1, NOW, None, True, "paid", '["b"]', '{"a":"2","c":null}')
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        await conn.execute(sqlite_module._COMMIT_IN_ONE, args)
+    assert not conn.in_transaction
+    record = await backend.load("s1", now=NOW)
+    assert record is not None
+    assert (record.version, record.values, record.stage) == (1, {"a": "1", "b": "1"}, None)
+    assert await backend.commit(Commit("s1", 1, {"a": "2", "b": None}), now=NOW) == 2
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and (record.version, record.values) == (2, {"a": "2"})
+
+
+async def test_sqlite_one_statement_update_reports_conflicts_and_writes_nothing(backend: SQLiteBackend) -> None:
+    await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+    with pytest.raises(ConflictError, match="at version 1, expected 5"):
+        await backend.commit(Commit("s1", 5, {"a": "2"}), now=NOW)
+    await backend.commit(Commit("gone", 0, {"a": "1"}, expires_at=NOW + 1), now=NOW)
+    with pytest.raises(ConflictError, match="no longer exists"):
+        await backend.commit(Commit("gone", 1, {"a": "2"}), now=NOW + 1)
+    with pytest.raises(ConflictError, match="no longer exists"):
+        await backend.commit(Commit("never", 3, {"a": "2"}), now=NOW)
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and (record.version, record.values) == (1, {"a": "1"})
+    assert await backend.load("never", now=NOW) is None
+
+
+async def test_sqlite_without_json_functions_updates_take_the_general_path(
+    backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backend, "_one_statement", False)
+    await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+    conn = backend._conn
+    assert conn is not None
+    counted = _ThreadCalls(conn, monkeypatch)
+    assert await backend.commit(Commit("s1", 1, {"a": "2", "b": None}), now=NOW) == 2
+    # the version bump (with the BEGIN IMMEDIATE sqlite3 sends before it), the delete, the value, COMMIT
+    assert counted.take() == ["execute", "execute", "execute", "execute"]
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and (record.version, record.values) == (2, {"a": "2"})
 
 
 def _transactions(statements: list[str]) -> list[list[str]]:
@@ -266,6 +318,13 @@ def _transactions(statements: list[str]) -> list[list[str]]:
     current: list[str] | None = None
     for statement in statements:
         word = statement.split()[0].upper()
+        if statement.startswith("WITH commit_row") and current is None:
+            # the one-statement update: atomic on its own (traced once per statement of its trigger)
+            if not groups or groups[-1] != ["ONE STATEMENT"] or statement != previous:
+                groups.append(["ONE STATEMENT"])
+            previous = statement
+            continue
+        previous = ""
         if word == "BEGIN":
             assert current is None and statement == "BEGIN IMMEDIATE", statements
             current = []
@@ -295,7 +354,8 @@ async def test_sqlite_every_write_runs_inside_one_begin_immediate_transaction(ba
     await conn.set_trace_callback(None)
     groups = _transactions(statements)
     assert len(groups) == 6, groups
-    assert groups[1] == ["UPDATE", "DELETE", "INSERT", "COMMIT"]
+    assert groups[1] == ["ONE STATEMENT"]
+    assert groups[2][0] == "UPDATE" and groups[2][-1] == "COMMIT"  # commit_all: one transaction
     assert groups[4][0] == "SELECT"
     assert groups[5] == ["SELECT", "COMMIT"]
 
@@ -309,8 +369,8 @@ async def test_sqlite_failed_write_is_rolled_back_and_the_connection_stays_usabl
     assert conn is not None
     statements: list[str] = []
     await conn.set_trace_callback(statements.append)
-    with pytest.raises(sqlite3.Error):
-        await backend.commit(Commit("s1", 1, bad), now=NOW)  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.Error):  # several statements: the general path's transaction
+        await backend.commit_all([Commit("s1", 1, bad)], now=NOW)  # type: ignore[arg-type]
     await conn.set_trace_callback(None)
     assert _transactions(statements)[-1][-1] == "ROLLBACK"
     assert not conn.in_transaction
@@ -348,8 +408,9 @@ async def test_sqlite_deleting_a_session_deletes_its_value_rows(backend: SQLiteB
 async def test_sqlite_rolled_back_commit_leaves_no_trace(backend: SQLiteBackend) -> None:
     await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
     # a value the driver cannot bind fails mid-transaction, after the version bump and one value row
+    # (several statements, as commit_all always sends; an update's single statement is tested above)
     with pytest.raises(sqlite3.Error):
-        await backend.commit(Commit("s1", 1, {"b": "2", "c": object()}), now=NOW)  # type: ignore[dict-item]
+        await backend.commit_all([Commit("s1", 1, {"b": "2", "c": object()})], now=NOW)  # type: ignore[dict-item]
     record = await backend.load("s1", now=NOW)
     assert record is not None and (record.version, record.values) == (1, {"a": "1"})
     assert await backend.commit(Commit("s1", 1, {"b": "2"}), now=NOW) == 2

@@ -345,8 +345,8 @@ class SQLBackend(StateBackend):
             version,
             now,
             c.tool,
-            _json(c.changes),
-            _json(c.previous),
+            compact_json(c.changes),
+            compact_json(c.previous),
             int(c.stage_changed),
             c.stage,
             c.previous_stage,
@@ -440,7 +440,8 @@ class SQLBackend(StateBackend):
         return taken
 
 
-def _json(document: dict[str, str | None]) -> str:
+def compact_json(document: Any) -> str:
+    """`document` as compact JSON text, non-ASCII characters kept as they are."""
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -16,8 +16,10 @@ call.
 
 Each awaited aiosqlite call is one round trip to the connection's thread, the
 main cost of a transaction, so statements are sent as few calls as possible:
-a read is one call, and a write transaction's `BEGIN IMMEDIATE` travels with
-its first statement (see `_SQLiteTx`).
+a read is one call, a write transaction's `BEGIN IMMEDIATE` travels with its
+first statement (see `_SQLiteTx`), and the commonest write - an update of a
+live session's keys, with no checkpoint - is a single statement, one call (see
+`_COMMIT_IN_ONE`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import aiosqlite
 import anyio
 
 from concierge.errors import ConfigurationError, StateUnavailableError
-from concierge.state._sql import SQLBackend, Tx
+from concierge.state._sql import SQLBackend, Tx, compact_json
+from concierge.state.base import UNCHANGED, Commit
 
 __all__ = ["SQLiteBackend"]
 
@@ -59,6 +62,44 @@ Synchronous = Literal["normal", "full"]
 # test is stricter than the module's own (recent Pythons also skip leading
 # comments there), so a statement it matches always opens one.
 _OPENS_TRANSACTION = re.compile(r"[ \t\r\n]*(?:insert|update|delete|replace)", re.IGNORECASE)
+
+
+# The version check, the bump and the changed keys as one statement, so that
+# an update is one call to the connection's thread instead of three
+# (statement, statement, COMMIT). SQLite has no data-modifying CTEs, so the
+# statement is an INSERT into a view whose INSTEAD OF trigger does the work.
+# Both are TEMP, created on each connection: nothing is added to the file's
+# schema, and a TEMP trigger may write the main database's tables (unqualified
+# names resolve to them, as no TEMP table shares their names). The
+# RAISE(ABORT) undoes the whole statement, trigger included.
+_COMMIT_VIEW = (
+    "CREATE TEMP VIEW IF NOT EXISTS concierge_commit"
+    " (session_id, expected, now, expires_at, stage_given, stage, removed, written)"
+    " AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+)
+_CONFLICT_MARK = "concierge: the version moved"
+_COMMIT_TRIGGER = (
+    "CREATE TEMP TRIGGER IF NOT EXISTS concierge_commit_apply INSTEAD OF INSERT ON concierge_commit BEGIN"
+    f" SELECT RAISE(ABORT, '{_CONFLICT_MARK}') WHERE NOT EXISTS (SELECT 1 FROM concierge_sessions"
+    "  WHERE id = NEW.session_id AND version = NEW.expected AND (expires_at IS NULL OR expires_at > NEW.now));"
+    " UPDATE concierge_sessions SET version = version + 1, updated_at = NEW.now, expires_at = NEW.expires_at,"
+    "  stage = CASE WHEN NEW.stage_given THEN NEW.stage ELSE stage END WHERE id = NEW.session_id;"
+    " DELETE FROM concierge_values WHERE session_id = NEW.session_id"
+    "  AND key IN (SELECT value FROM json_each(NEW.removed));"
+    " INSERT INTO concierge_values (session_id, key, value)"
+    "  SELECT NEW.session_id, key, value FROM json_each(NEW.written) WHERE true"
+    "  ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value;"
+    " END"
+)
+# It starts with WITH, not INSERT, so the sqlite3 module opens no transaction
+# before it (it does so only before INSERT, UPDATE, DELETE and REPLACE): the
+# statement runs on its own in autocommit mode, atomically, and commits as it
+# ends. A write statement asks for the write lock before it reads anything,
+# waiting out `busy_timeout` like `BEGIN IMMEDIATE` does.
+_COMMIT_IN_ONE = (
+    "WITH commit_row AS (SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    " INSERT INTO concierge_commit SELECT * FROM commit_row"
+)
 
 
 @lru_cache(maxsize=128)
@@ -153,6 +194,8 @@ class SQLiteBackend(SQLBackend):
         self.synchronous: Synchronous = level
         self._conn: aiosqlite.Connection | None = None
         self._lock = anyio.Lock(fast_acquire=True)
+        #: Whether this connection has `_COMMIT_IN_ONE`'s view and trigger.
+        self._one_statement = False
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteBackend:
@@ -245,6 +288,7 @@ class SQLiteBackend(SQLBackend):
                 logger.warning("%s: journal mode is %s, not WAL", self._where(), row[0] if row else "unknown")
                 synchronous = "full"  # NORMAL is only crash-safe with WAL
             await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            self._one_statement = await self._create_commit_trigger(conn)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await conn.close()
@@ -252,6 +296,17 @@ class SQLiteBackend(SQLBackend):
                 raise self._unavailable(exc) from exc
             raise
         self._conn = conn
+
+    async def _create_commit_trigger(self, conn: aiosqlite.Connection) -> bool:
+        """Create `_COMMIT_IN_ONE`'s view and trigger on `conn`; False when this SQLite has no `json_each`."""
+        try:
+            await conn.execute_fetchall("SELECT count(*) FROM json_each('[]')")
+        except sqlite3.OperationalError:
+            logger.info("%s: SQLite %s has no JSON functions; commits take 3 calls", self._where(), sqlite3.sqlite_version)
+            return False
+        await conn.execute(_COMMIT_VIEW)
+        await conn.execute(_COMMIT_TRIGGER)
+        return True
 
     async def _enable_wal(self, conn: aiosqlite.Connection) -> Any:
         """Switch the file to WAL, retrying while another process holds it.
@@ -282,26 +337,63 @@ class SQLiteBackend(SQLBackend):
                 logger.warning("%s: error while closing", self._where(), exc_info=True)
 
     @asynccontextmanager
-    async def _begin(self, *, write: bool) -> AsyncIterator[Tx]:
+    async def _connection(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection, this task's alone; driver errors that mean the file is unusable as `StateUnavailableError`."""
         async with self._lock:
             conn = self._conn
             if conn is None:
                 raise StateUnavailableError(f"{self._where()} is closed")
-            tx = _SQLiteTx(conn, write=write)
             try:
-                try:
-                    yield tx
-                    if tx.began:
-                        await conn.execute("COMMIT")
-                except BaseException:
-                    if tx.began:
-                        with anyio.CancelScope(shield=True):
-                            try:
-                                await conn.rollback()  # a no-op when no transaction is open
-                            except sqlite3.Error:  # keep the error that got us here
-                                logger.warning("%s: rollback failed", self._where(), exc_info=True)
-                    raise
+                yield conn
             except sqlite3.Error as exc:
                 if self._is_unavailable(exc):
                     raise self._unavailable(exc) from exc
                 raise
+
+    @asynccontextmanager
+    async def _begin(self, *, write: bool) -> AsyncIterator[Tx]:
+        async with self._connection() as conn:
+            tx = _SQLiteTx(conn, write=write)
+            try:
+                yield tx
+                if tx.began:
+                    await conn.execute("COMMIT")
+            except BaseException:
+                if tx.began:
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await conn.rollback()  # a no-op when no transaction is open
+                        except sqlite3.Error:  # keep the error that got us here
+                            logger.warning("%s: rollback failed", self._where(), exc_info=True)
+                raise
+
+    async def commit(self, commit: Commit, *, now: float) -> int:
+        """As `StateBackend.commit`; an update of a live session's keys is one statement, one call.
+
+        A creation, a clear or a commit that records a checkpoint takes the
+        general path, a transaction of several statements.
+        """
+        if commit.expected_version == 0 or commit.clear or commit.history > 0 or not self._one_statement:
+            return await super().commit(commit, now=now)
+        if not self._opened:
+            await self.open()
+        stage_given = commit.stage is not UNCHANGED
+        args = (
+            commit.session_id,
+            commit.expected_version,
+            now,
+            commit.expires_at,
+            stage_given,
+            commit.stage if stage_given else None,
+            compact_json([key for key, value in commit.changes.items() if value is None]),
+            compact_json({key: value for key, value in commit.changes.items() if value is not None}),
+        )
+        try:
+            async with self._connection() as conn:
+                await conn.execute(_COMMIT_IN_ONE, args)
+        except sqlite3.IntegrityError as exc:
+            if _CONFLICT_MARK not in str(exc):
+                raise
+            async with self._transaction(write=False) as tx:
+                raise await self._conflict(tx, commit, now) from None
+        return commit.expected_version + 1
