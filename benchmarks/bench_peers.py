@@ -2,7 +2,7 @@
 
     python benchmarks/bench_peers.py [--duration S | --calls N] [--sessions 64] [--inflight 4]
                                      [--rounds 3] [--warmup-calls 8] [--postgres-url URL]
-                                     [--systems concierge,fastmcp,fastmcp-session-id,concierge-sdk]
+                                     [--systems concierge,fastmcp,fastmcp-session-id,concierge-sdk,mcp-memory]
                                      [--json out.json] [--reinstall]
 
 The systems (each server a subprocess listening on 127.0.0.1, each on its own
@@ -20,6 +20,10 @@ scratch database of the same PostgreSQL server):
 - concierge-sdk: concierge-sdk 0.8.0 from PyPI (it needs `mcp<2`), its synchronous
   `app.get_state` / `app.set_state`, `CONCIERGE_STATE_URL=postgresql://...`
   (`benchmarks/peers/concierge_sdk_cart.py`).
+- mcp-memory: not a peer but the floor under all of them: the bare `mcp` SDK
+  of the current environment, carts in a dict in the server's memory
+  (`benchmarks/peers/mcp_memory_cart.py`); what the SDK's HTTP path costs
+  with no store at all.
 
 Each peer is installed only in its own virtualenv, `benchmarks/.venvs/<name>`,
 created on the first run with `python -m venv` and pinned versions, and reused
@@ -81,8 +85,8 @@ class Peer:
     script: str
     api: str
     store: str
-    count_sql: str
-    """Returns (carts, items) for every cart the server stored."""
+    count_sql: str | None
+    """Returns (carts, items) for every cart the server stored; `None`: the server keeps its carts in memory."""
     venv: str | None = None
     """Directory under `benchmarks/.venvs`; `None` runs in the current interpreter's environment."""
     candidates: tuple[tuple[str, ...], ...] = ()
@@ -159,8 +163,19 @@ PEERS: dict[str, Peer] = {
             url_env="CONCIERGE_STATE_URL",
             extra_env=(("CONCIERGE_LOG_LEVEL", "WARNING"), ("CONCIERGE_HEARTBEAT_INTERVAL", "0")),
         ),
+        Peer(
+            name="mcp-memory",
+            script="mcp_memory_cart.py",
+            api="the bare mcp SDK (MCPServer, async tools), carts in a dict keyed by mcp-session-id: no store,"
+            " not durable, one process; the floor under every system",
+            store="none (process memory)",
+            count_sql=None,
+            distributions=("mcp",),
+        ),
     )
 }
+#: Systems that are compared with concierge (mcp-memory is a floor, not a peer).
+COMPARED = ("fastmcp", "fastmcp-session-id", "concierge-sdk", "mcp-memory")
 
 
 # -- virtualenvs ------------------------------------------------------------------------
@@ -609,7 +624,7 @@ def report(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
     ratios = []
     base = summaries.get("concierge")
     if base and base.status == "ok":
-        for other in ("fastmcp", "fastmcp-session-id", "concierge-sdk"):
+        for other in COMPARED:
             s = summaries.get(other)
             if s and s.status == "ok" and s.calls_per_s > 0:
                 ratios.append(
@@ -640,6 +655,7 @@ async def count_stored(peer: Peer, url: str) -> tuple[int, int]:
     """(carts, items) the peer stored in its database."""
     import asyncpg
 
+    assert peer.count_sql is not None
     conn = await asyncpg.connect(url)
     try:
         row = await conn.fetchrow(peer.count_sql)
@@ -692,6 +708,9 @@ async def run(args: argparse.Namespace) -> int:
             summaries[name] = summarise(name, rounds[name])
             summaries[name].status = status
             summary = summaries[name]
+            if PEERS[name].count_sql is None:
+                summary.stored = "- (memory)"
+                continue
             try:
                 carts, items = await count_stored(PEERS[name], urls[name])
             except Exception as exc:  # noqa: BLE001 - e.g. no such table: the state went elsewhere
