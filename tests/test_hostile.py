@@ -834,6 +834,9 @@ BAD_URLS: list[tuple[str, str | None]] = [
     ("postgresql://app:hunter2#S3cret@db:5432/shop", "hunter2#S3cret"),
     ("postgresql://app:hunter2/S3cret@db:5432/shop", "hunter2/S3cret"),
     ("postgresql://app:hunter2?S3cret@db:5432/shop", "hunter2?S3cret"),
+    # ... even where the part before the '/' happens to parse as a port (the host would be "app")
+    ("postgresql://app:1234/hunter2-S3cret@db:5432/shop", "1234/hunter2-S3cret"),
+    ("postgres://app:5432/hunter2-S3cret@db/shop", "5432/hunter2-S3cret"),
     ("redis://host:notaport", None),
     ("redis://:hunter2-S3cret@host:notaport/0", PASSWORD),
     ("redis://user:hunter2-S3cret@host:6379/db-zero", PASSWORD),

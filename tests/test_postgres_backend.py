@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -132,6 +135,67 @@ async def _wait_until_blocked(admin: asyncpg.Connection) -> None:
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%concierge_values%'"
         ):
             await anyio.sleep(0.01)
+
+
+def _cluster_pids(server: _RestartablePostgres) -> list[int]:
+    """The postmaster and every process it started (backends, checkpointer, ...)."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:  # the parent pid
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+async def test_postgres_server_that_stops_answering_fails_calls_after_query_timeout_and_recovers(
+    own_server: _RestartablePostgres,
+) -> None:
+    """A hung host or a partition: connections stay open, nothing answers (the cluster is SIGSTOPped)."""
+    url = f"postgresql://postgres:{SECRET}@127.0.0.1:{own_server.port}/postgres"
+    backend = PostgresBackend(url, query_timeout=1.0, connect_timeout=1.0)
+    await backend.open()
+    pids: list[int] = []
+    try:
+        await backend.commit(Commit("s1", 0, {"a": '"old"'}), now=NOW)
+        pids = _cluster_pids(own_server)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        for call in (
+            lambda: backend.commit(Commit("s1", 1, {"a": '"new"'}), now=NOW),
+            lambda: backend.load("s1", now=NOW),
+        ):
+            started = time.monotonic()
+            with pytest.raises(StateUnavailableError, match=r"no answer in time.*query_timeout=1s") as caught:
+                await call()
+            assert time.monotonic() - started < 5
+            assert f"127.0.0.1:{own_server.port}" in str(caught.value) and SECRET not in _full_text(caught.value)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        with anyio.fail_after(30):  # the same object, no reopen; nothing of the timed-out commit was kept
+            while True:
+                try:
+                    record = await backend.load("s1", now=NOW)
+                    break
+                except StateUnavailableError:
+                    await anyio.sleep(0.1)
+        assert record is not None and (record.version, record.values) == (1, {"a": '"old"'})
+        assert await backend.commit(Commit("s1", 1, {"a": '"new"'}), now=NOW) == 2
+    finally:
+        await backend.close()
+
+
+def test_postgres_query_timeout_must_be_positive_or_none() -> None:
+    assert PostgresBackend("postgresql://h/db").query_timeout == 30.0
+    assert PostgresBackend("postgresql://h/db", query_timeout=None).query_timeout is None
+    for bad in (0, -1.0):
+        with pytest.raises(ConfigurationError, match="query_timeout"):
+            PostgresBackend("postgresql://h/db", query_timeout=bad)
 
 
 async def test_postgres_server_lost_mid_run_raises_unavailable_writes_nothing_and_recovers(

@@ -242,7 +242,9 @@ class _ThreadCalls:
         return calls
 
 
-async def test_sqlite_load_is_one_call_and_an_update_one(backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sqlite_load_is_one_call_and_an_update_one(
+    backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await backend.commit(Commit("s1", 0, {"count": "0"}), now=NOW)
     conn = backend._conn
     assert conn is not None
@@ -316,6 +318,7 @@ def _transactions(statements: list[str]) -> list[list[str]]:
     """Trace lines grouped by transaction; fails on a statement run outside one."""
     groups: list[list[str]] = []
     current: list[str] | None = None
+    previous = ""
     for statement in statements:
         word = statement.split()[0].upper()
         if statement.startswith("WITH commit_row") and current is None:

@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 
 from concierge.errors import ConfigurationError, StateUnavailableError
-from concierge.state import redact_url, url_secrets
+from concierge.state import password_misread, redact_url, url_secrets
 from concierge.state._sql import SQLBackend, Tx
 from concierge.state.base import UNCHANGED, Commit
 
@@ -91,6 +91,12 @@ class PostgresBackend(SQLBackend):
         dsn: a `postgresql://` or `postgres://` URL, as asyncpg accepts it.
         min_size, max_size: bounds of the connection pool.
         connect_timeout: seconds to wait for one connection to be established.
+        query_timeout: seconds one statement may take (waiting for another
+            writer's row lock included) before it is cancelled and the call
+            fails with `StateUnavailableError`, its transaction rolled back;
+            `None` waits forever. It bounds what a server that stops
+            answering without closing the connection (a network partition, a
+            hung host) costs a call.
     """
 
     scheme = "postgresql"
@@ -105,12 +111,25 @@ class PostgresBackend(SQLBackend):
     )
     _value_bytes_sql = "octet_length(v.value)"
 
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+        query_timeout: float | None = 30.0,
+    ) -> None:
         super().__init__()
+        if query_timeout is not None and not query_timeout > 0:
+            raise ConfigurationError(
+                f"query_timeout must be a positive number of seconds or None, not {query_timeout!r}"
+            )
         self._dsn = dsn
         self.min_size = min_size
         self.max_size = max_size
         self.connect_timeout = connect_timeout
+        self.query_timeout = query_timeout
         self._pool: asyncpg.Pool | None = None
         self.location = _location(dsn)
         self._shown = _display(dsn)
@@ -134,6 +153,13 @@ class PostgresBackend(SQLBackend):
             ) from None
         if parts.scheme.lower() not in ("postgresql", "postgres"):
             raise ConfigurationError(f"{_display(url)!r} is not a postgresql:// URL")
+        if password_misread(url):
+            # e.g. postgresql://app:1234/S3cret@db/shop: "1234" parses as a port and the
+            # host would be "app"; connecting there would only puzzle the reader.
+            raise ConfigurationError(
+                f"PostgreSQL state URL {_display(url)!r} is malformed: its password holds a character "
+                "that ends the host part; use postgresql://user:password@host:port/database"
+            )
         return cls(url)
 
     def __repr__(self) -> str:
@@ -143,7 +169,11 @@ class PostgresBackend(SQLBackend):
         return f"PostgreSQL at {self.location}"
 
     def _unavailable(self, exc: BaseException) -> StateUnavailableError:
-        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            query = "none" if self.query_timeout is None else f"{self.query_timeout:g}s"
+            reason = f"no answer in time (connect_timeout={self.connect_timeout:g}s, query_timeout={query})"
+        else:
+            reason = str(exc) or type(exc).__name__
         for secret in self._secrets:  # belt and braces: no driver message may carry the password out
             reason = reason.replace(secret, "***")
         return StateUnavailableError(
@@ -160,6 +190,7 @@ class PostgresBackend(SQLBackend):
                 min_size=self.min_size,
                 max_size=self.max_size,
                 timeout=self.connect_timeout,
+                command_timeout=self.query_timeout,
                 reset=_keep_connection,
             )
         except Exception as exc:

@@ -97,8 +97,7 @@ _COMMIT_TRIGGER = (
 # ends. A write statement asks for the write lock before it reads anything,
 # waiting out `busy_timeout` like `BEGIN IMMEDIATE` does.
 _COMMIT_IN_ONE = (
-    "WITH commit_row AS (SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-    " INSERT INTO concierge_commit SELECT * FROM commit_row"
+    "WITH commit_row AS (SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) INSERT INTO concierge_commit SELECT * FROM commit_row"
 )
 
 
@@ -302,7 +301,9 @@ class SQLiteBackend(SQLBackend):
         try:
             await conn.execute_fetchall("SELECT count(*) FROM json_each('[]')")
         except sqlite3.OperationalError:
-            logger.info("%s: SQLite %s has no JSON functions; commits take 3 calls", self._where(), sqlite3.sqlite_version)
+            logger.info(
+                "%s: SQLite %s has no JSON functions; commits take 3 calls", self._where(), sqlite3.sqlite_version
+            )
             return False
         await conn.execute(_COMMIT_VIEW)
         await conn.execute(_COMMIT_TRIGGER)
