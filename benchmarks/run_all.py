@@ -10,7 +10,8 @@ Runs, one after the other, against one PostgreSQL (a throwaway server unless
    stored sessions, and a 1-key vs a 1,000-key session;
 2. `bench_peers.py`: concierge vs fastmcp vs the original concierge-sdk on the
    cart workload over streamable HTTP with 64 concurrent sessions (the peers in
-   virtualenvs of their own under benchmarks/.venvs/).
+   virtualenvs of their own under benchmarks/.venvs/), and the bare mcp SDK
+   keeping its carts in a dict (mcp-memory), the reference no store can beat.
 
 Both print their own tables as they go; then a summary compares each figure
 with its target. Every ratio in it was measured in this run. `--quick` runs
@@ -99,6 +100,15 @@ def summary(state: dict[str, Any] | None, peers: dict[str, Any] | None) -> list[
                 continue
             ratio = ours["calls_per_s"] / theirs["calls_per_s"]
             rows.append([f"calls/s concierge / {peer}", f"{ratio:.2f}", f">= {target}", _verdict(ratio, target, True)])
+    # Not a target: the same ratio for the bare SDK with its carts in a dict, the most a server on
+    # concierge's SDK could reach with no store at all.
+    floor = systems.get("mcp-memory", {}).get("summary")
+    if floor and floor.get("status") == "ok" and floor.get("calls_per_s"):
+        for peer in PEER_TARGETS:
+            theirs = systems.get(peer, {}).get("summary")
+            if theirs and theirs.get("status") == "ok" and theirs.get("calls_per_s"):
+                ratio = floor["calls_per_s"] / theirs["calls_per_s"]
+                rows.append([f"calls/s mcp-memory (bare SDK, no store) / {peer}", f"{ratio:.2f}", "(reference)", "-"])
     return rows
 
 
