@@ -287,8 +287,8 @@ async def test_redis_a_touch_between_watch_and_exec_is_retried_not_a_conflict(
         return original(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(redis_module, "_checked", checked_then_renewed)
-    try:
-        assert await backend.commit(Commit("s1", 1, {"a": "2"}, expires_at=NOW + 120), now=NOW + 2) == 2
+    try:  # commit_all takes the WATCH path (a lone update is one script, never interleaved)
+        assert await backend.commit_all([Commit("s1", 1, {"a": "2"}, expires_at=NOW + 120)], now=NOW + 2) == [2]
     finally:
         side.close()
     assert checks == 2
@@ -324,6 +324,78 @@ async def test_redis_a_commit_between_watch_and_exec_is_a_conflict_and_writes_no
     for sid, value, version in (("s1", "1", 1), ("s2", "other", 2)):
         record = await backend.load(sid, now=NOW)
         assert record is not None and (record.values, record.version) == ({"a": value}, version)
+
+
+# -- an update in one script -------------------------------------------------------------------------
+
+
+async def _as_stored(raw: aioredis.Redis, prefix: str, sid: str) -> tuple[object, ...]:
+    """Everything Redis holds for one session, TTLs to the second."""
+    meta, values = f"{prefix}s:{sid}", f"{prefix}v:{sid}"
+    pipe = raw.pipeline(transaction=True)
+    pipe.hgetall(meta).hgetall(values).zscore(f"{prefix}expiry", sid).zscore(f"{prefix}sessions", sid)
+    pipe.pttl(meta).pttl(values).pttl(f"{prefix}h:{sid}")
+    found = await pipe.execute()
+    return (*found[:4], *(round(ttl / 1000) if ttl > 0 else ttl for ttl in found[4:]))
+
+
+UPDATES = [  # (changes, stage, expires_at offset or None), applied in order to a session at version 1
+    ({"a": '"2"', "b": "[1,2]"}, "cart", 60.0),
+    ({"a": None, "c": '{"x":"y"}'}, redis_module.UNCHANGED, 120.0),
+    ({}, None, None),
+    ({"b": None, "missing": None}, "pay", 30.0),
+    ({f"k{i}": str(i) for i in range(50)}, redis_module.UNCHANGED, None),
+]
+
+
+async def test_redis_an_update_is_one_script_call_that_stores_what_multi_exec_would(
+    backend: RedisBackend, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for sid in ("script", "watch"):
+        await backend.commit(Commit(sid, 0, {"a": '"1"', "b": "true"}, stage="browse", expires_at=NOW + 10), now=NOW)
+    assert backend._client is not None
+    sent: list[object] = []
+    original = backend._client.execute_command
+
+    async def counted(*args: object, **options: object) -> object:
+        sent.append(args[0])
+        return await original(*args, **options)
+
+    monkeypatch.setattr(backend._client, "execute_command", counted)
+    for n, (changes, stage, offset) in enumerate(UPDATES):
+        now = NOW + n + 1
+        expires_at = None if offset is None else now + offset
+        sent.clear()
+        assert (
+            await backend.commit(Commit("script", n + 1, changes, stage=stage, expires_at=expires_at), now=now) == n + 2
+        )
+        assert sent == ["EVALSHA"], sent  # one round trip
+        await backend.commit_all([Commit("watch", n + 1, changes, stage=stage, expires_at=expires_at)], now=now)
+        assert await _as_stored(raw, backend.prefix, "script") == await _as_stored(raw, backend.prefix, "watch")
+    record = await backend.load("script", now=NOW)
+    assert record is not None and record.version == len(UPDATES) + 1 and record.stage == "pay"
+    assert record.values == {"c": '{"x":"y"}', **{f"k{i}": str(i) for i in range(50)}}
+
+
+async def test_redis_an_update_reports_conflicts_and_writes_nothing(backend: RedisBackend, raw: aioredis.Redis) -> None:
+    await backend.commit(Commit("s1", 0, {"a": "1"}, expires_at=NOW + 10), now=NOW)
+    before = await _as_stored(raw, backend.prefix, "s1")
+    with pytest.raises(ConflictError, match="'s1' is at version 1, expected 4"):
+        await backend.commit(Commit("s1", 4, {"a": "2"}, stage="x"), now=NOW)
+    with pytest.raises(ConflictError, match="'s1' no longer exists"):
+        await backend.commit(Commit("s1", 1, {"a": "2"}), now=NOW + 10)  # expired at that instant
+    with pytest.raises(ConflictError, match="'never' no longer exists"):
+        await backend.commit(Commit("never", 1, {"a": "2"}), now=NOW)
+    assert await _as_stored(raw, backend.prefix, "s1") == before
+    assert not await raw.exists(f"{backend.prefix}s:never", f"{backend.prefix}v:never")
+
+
+async def test_redis_an_update_of_more_keys_than_one_script_carries_takes_multi_exec(backend: RedisBackend) -> None:
+    await backend.commit(Commit("big", 0, {"a": "1"}), now=NOW)
+    many = {f"k{i}": str(i) for i in range(redis_module._UPDATE_MAX_KEYS + 500)}
+    assert await backend.commit(Commit("big", 1, {**many, "a": None}), now=NOW) == 2
+    record = await backend.load("big", now=NOW)
+    assert record is not None and record.values == many
 
 
 # -- the server goes away and comes back ------------------------------------------------------------

@@ -25,7 +25,9 @@ The sweep prunes index entries of dropped keys. Every path that ends a session's
 life - `delete`, the sweep, the creation of a new life of its id - removes its
 three keys together, atomically.
 
-A commit WATCHes the metadata of every session it writes, checks the versions
+An update of one live session's keys (the commit of most calls) is a Lua
+script, `_UPDATE`: the version check and the writes, one round trip. Any other
+commit WATCHes the metadata of every session it writes, checks the versions
 and applies everything in one MULTI/EXEC. If a watched key changed meanwhile,
 the versions are read again: a moved version is a `ConflictError`; anything
 else (a `touch`) is retried. `touch` and the sweep are Lua scripts instead: a
@@ -54,6 +56,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from concierge.errors import ConfigurationError, ConflictError, StateUnavailableError
 from concierge.state import redact_url, url_secrets
 from concierge.state.base import (
+    UNCHANGED,
     Commit,
     SessionRecord,
     SessionSummary,
@@ -97,6 +100,41 @@ if tonumber(redis.call('HGET', KEYS[1], 'updated_at')) < now then
 end
 return 1
 """
+
+# The commonest commit - an update of one live session's keys, no creation, clear or checkpoint - in one
+# round trip: the version check and the writes `_queue` would send in MULTI/EXEC, atomic as a script.
+# KEYS: metadata, values, expiry, sessions, history. ARGV: now, expected version, new version, expires_at
+# ("" = never), TTL ms of the metadata, of the values (and history), id, -now, stage ("" unchanged, "n"
+# None, "s" the next argument), the stage, the number N of removed keys, N removed keys, then key, value
+# pairs written. Returns {2} when applied, {1, version} when the version moved, {0} when gone or expired.
+_UPDATE = """
+local meta = redis.call('HMGET', KEYS[1], 'version', 'expires_at')
+if not meta[1] or (meta[2] and tonumber(meta[2]) <= tonumber(ARGV[1])) then return {0} end
+if meta[1] ~= ARGV[2] then return {1, meta[1]} end
+redis.call('HDEL', KEYS[1], 'expires_at')
+if ARGV[9] == 'n' then redis.call('HDEL', KEYS[1], 'stage') end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1], 'version', ARGV[3])
+if ARGV[9] == 's' then redis.call('HSET', KEYS[1], 'stage', ARGV[10]) end
+local removed = tonumber(ARGV[11])
+if removed > 0 then redis.call('HDEL', KEYS[2], unpack(ARGV, 12, 11 + removed)) end
+if #ARGV > 11 + removed then redis.call('HSET', KEYS[2], unpack(ARGV, 12 + removed, #ARGV)) end
+redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7])
+if ARGV[4] == '' then
+  redis.call('ZREM', KEYS[3], ARGV[7])
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[5])
+else
+  redis.call('HSET', KEYS[1], 'expires_at', ARGV[4])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  redis.call('PEXPIRE', KEYS[5], ARGV[6])
+end
+return {2}
+"""
+# Keys one `_UPDATE` may carry: Lua's `unpack` is bounded by its stack; larger commits use MULTI/EXEC.
+_UPDATE_MAX_KEYS = 1000
 
 # KEYS: expiry, sessions. ARGV: now, limit, prefix, "1" to return the sessions. Deletes up to `limit`
 # sessions expired at `now`, oldest expiry first; returns {count, {{id, metadata, values}, ...}}.
@@ -251,6 +289,7 @@ class RedisBackend(StateBackend):
                     raise self._unavailable(exc) from None
                 raise
             self._touch_script = client.register_script(_TOUCH)
+            self._update_script = client.register_script(_UPDATE)
             self._sweep_script = client.register_script(_SWEEP)
             self._summary_script = client.register_script(_SUMMARY)
             self._client = client
@@ -301,7 +340,45 @@ class RedisBackend(StateBackend):
         return _record(session_id, meta, values) if _live(meta, now) else None
 
     async def commit(self, commit: Commit, *, now: float) -> int:
-        return (await self._commit_all([commit], now))[0]
+        """As `StateBackend.commit`; an update of a live session's keys is one script, one round trip.
+
+        A creation, a clear, a commit that records a checkpoint or one of more
+        than `_UPDATE_MAX_KEYS` keys takes the general path (WATCH, MULTI/EXEC).
+        """
+        if commit.expected_version == 0 or commit.clear or commit.history > 0 or len(commit.changes) > _UPDATE_MAX_KEYS:
+            return (await self._commit_all([commit], now))[0]
+        sid = commit.session_id
+        version = commit.expected_version + 1
+        if commit.expires_at is None:
+            expires, ttl = "", 0
+        else:
+            expires, ttl = repr(float(commit.expires_at)), self._ttl_ms(commit.expires_at, now)
+        stage_mode = "" if commit.stage is UNCHANGED else "n" if commit.stage is None else "s"
+        removed = [key for key, value in commit.changes.items() if value is None]
+        written = [item for key, value in commit.changes.items() if value is not None for item in (key, value)]
+        keys = [*self._keys(sid), self._expiry_key, self._sessions_key, self._history_key(sid)]
+        args = [
+            repr(now),
+            str(commit.expected_version),
+            str(version),
+            expires,
+            ttl,
+            ttl + 1000,
+            sid,
+            repr(-now),
+            stage_mode,
+            commit.stage if isinstance(commit.stage, str) else "",
+            len(removed),
+            *removed,
+            *written,
+        ]
+        async with self._redis():
+            outcome = await self._update_script(keys, args)
+        if outcome[0] == 0:
+            raise ConflictError(f"session {sid!r} no longer exists (deleted or expired)")
+        if outcome[0] == 1:
+            raise ConflictError(f"session {sid!r} is at version {outcome[1]}, expected {commit.expected_version}")
+        return version
 
     async def commit_all(self, commits: Sequence[Commit], *, now: float) -> list[int]:
         return await self._commit_all(commits, now)
