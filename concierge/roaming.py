@@ -14,7 +14,9 @@ A process that receives a request for an id it does not hold asks `find`: the
 id is served again (see `concierge._sdk.enable_roaming`) only when both records
 exist, the state is live and the caller is the principal that initialized it.
 An HTTP DELETE ends the session for good (`ended` deletes the wire record); an
-expired session's wire record goes when the sweep deletes its state.
+expired session's wire record goes when the sweep deletes its state, and one
+whose state is gone without it (a crash between the two deletes) goes the next
+time its id is asked for.
 """
 
 from __future__ import annotations
@@ -83,8 +85,13 @@ class Roaming:
         if wire is None or wire.owner != principal or wire.values is None:
             return None
         state = await backend.load(HTTP_PREFIX + session_id, now=now)
-        if state is None:
-            return None  # expired (or deleted): never revived
+        if state is None:  # expired (or deleted): never revived
+            if await backend.load(HTTP_PREFIX + session_id, now=float("-inf")) is None:
+                # The state is gone for good, yet the wire record stayed (a crash between the two
+                # deletes): drop it now that its id is asked for. An expired state the sweep has
+                # not taken yet keeps it, for the sweep to end the session with its hooks.
+                await self._drop_orphan(session_id)
+            return None
         try:
             version = json.loads(wire.values[_VERSION])
             client = json.loads(wire.values[_CLIENT])
@@ -94,6 +101,12 @@ class Roaming:
         if not isinstance(version, str) or not isinstance(client, dict):
             return None
         return WireSession(protocol_version=version, client_params=client)
+
+    async def _drop_orphan(self, session_id: str) -> None:
+        try:
+            await self._store.backend.delete(WIRE_PREFIX + session_id)
+        except Exception:  # the caller gets its 404 all the same
+            logger.warning("concierge: dropping the orphaned record of %s failed", session_id[:64], exc_info=True)
 
     async def ended(self, session_id: str) -> None:
         """The client deleted session `session_id`: it can never be resumed, then it is closed."""

@@ -19,6 +19,7 @@ import json
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,6 +33,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from concierge import Concierge
 from concierge.errors import StateUnavailableError
+from concierge.state import backend_from_url
 from concierge.state.memory import MemoryBackend
 
 pytestmark = pytest.mark.anyio
@@ -281,6 +283,27 @@ async def test_expired_session_is_404_after_a_restart(
                 await anyio.sleep(1.5)
                 servers.start()
                 await assert_not_found(servers.url, wire.session_id)
+
+
+async def test_a_wire_record_left_without_its_state_is_404_and_dropped(persistent_state_url: str) -> None:
+    """A crash between deleting a session's state and its wire record leaves the record: it is never
+    served, and it goes the first time its id is asked for."""
+    with anyio.fail_after(LIMIT):
+        async with OnePort(lambda port: cart(persistent_state_url, port)) as servers:
+            servers.start()
+            async with legacy_client(servers.url) as (client, wire):
+                await client.call_tool("add_to_cart", {"item": "x"})
+                session_id = wire.session_id
+                assert session_id is not None
+                servers.kill()
+                async with backend_from_url(persistent_state_url) as store:
+                    assert await store.delete(f"http:{session_id}")
+                    assert await store.load(f"wire:{session_id}", now=time.time()) is not None
+                servers.start()
+                await assert_not_found(servers.url, session_id)
+                servers.kill()
+    async with backend_from_url(persistent_state_url) as store:
+        assert await store.load(f"wire:{session_id}", now=time.time()) is None
 
 
 async def test_roaming_off_keeps_the_sdks_404_after_a_restart(persistent_state_url: str) -> None:
