@@ -53,6 +53,12 @@ def test_postgres_both_schemes_build_the_postgres_backend() -> None:
         assert SECRET not in repr(b)
 
 
+def test_postgres_url_with_an_at_sign_in_its_query_is_accepted() -> None:
+    """Only an '@' after the host part with no user info before it means a password that ended the host part."""
+    b = backend_from_url(f"postgresql://u:{SECRET}@db.example:6543/app?application_name=me@host")
+    assert isinstance(b, PostgresBackend) and b.location == "db.example:6543"
+
+
 def test_postgres_malformed_url_is_a_configuration_error_without_the_password() -> None:
     with pytest.raises(ConfigurationError) as caught:
         backend_from_url(f"postgresql://u:{SECRET}@db.example:notaport/app")

@@ -38,7 +38,7 @@ REDIS_EXTRA = 'pip install "concierge[redis]"'
 
 def redact_url(url: str) -> str:
     """`url` with any password (in the authority or a `password=` query item) replaced by `***`."""
-    if password_misread(url):
+    if _misread(url):
         url = _mask_loose(url)
     try:
         parts = urlsplit(url)
@@ -86,7 +86,7 @@ def _loose_secrets(url: str) -> set[str]:
     return {password, unquote(password)}
 
 
-def password_misread(url: str) -> bool:
+def _misread(url: str) -> bool:
     """Whether `url` may hold a password `urlsplit` does not see (written without percent-encoding)."""
     return bool(_loose_secrets(url) - _parsed_secrets(url))
 
@@ -113,7 +113,7 @@ def backend_from_url(url: str | None) -> StateBackend:
         return _backend_from_url(url)
     except ConfigurationError as exc:
         message = str(exc)
-        if password_misread(url):  # the parser's own message may hold any piece of it: say only what is wrong
+        if _misread(url):  # the parser's own message may hold any piece of it: say only what is wrong
             message = (
                 f"{ENV_STATE_URL}={redact_url(url)!r} cannot be parsed; if its password contains '@', ':', '/', "
                 f"'?', '#' or '%', write them percent-encoded (%40, %3A, %2F, %3F, %23, %25); supported: {SUPPORTED}"

@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 
 from concierge.errors import ConfigurationError, StateUnavailableError
-from concierge.state import password_misread, redact_url, url_secrets
+from concierge.state import redact_url, url_secrets
 from concierge.state._sql import SQLBackend, Tx
 from concierge.state.base import UNCHANGED, Commit
 
@@ -153,7 +153,7 @@ class PostgresBackend(SQLBackend):
             ) from None
         if parts.scheme.lower() not in ("postgresql", "postgres"):
             raise ConfigurationError(f"{_display(url)!r} is not a postgresql:// URL")
-        if password_misread(url):
+        if "@" not in parts.netloc and "@" in parts.path + parts.fragment:
             # e.g. postgresql://app:1234/S3cret@db/shop: "1234" parses as a port and the
             # host would be "app"; connecting there would only puzzle the reader.
             raise ConfigurationError(
