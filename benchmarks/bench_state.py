@@ -2,7 +2,7 @@
 
     python benchmarks/bench_state.py [--calls N] [--rounds R] [--backends memory,sqlite,postgres,redis]
                                      [--postgres-url URL] [--redis-url URL] [--sessions 1000,1000000] [--keys 1000]
-                                     [--skip throughput,sessions,keys] [--transports inprocess,http]
+                                     [--skip throughput,sessions,keys,roundtrips] [--transports inprocess,http]
                                      [--sqlite-synchronous normal|full] [--json PATH]
 
 Three measurements, each through the SDK's in-process `mcp.client.Client(app)`:
@@ -26,6 +26,12 @@ Three measurements, each through the SDK's in-process `mcp.client.Client(app)`:
    session).
 3. keys: a call touching one key of a session that holds 1,000 keys vs one of
    a 1-key session.
+4. roundtrips: what the two store calls of a stateful call cost on their own,
+   the backend called directly (no MCP): `load` of a session whose version the
+   caller knows, and `commit` of one key. With the in-process throughput in
+   the same run it gives each backend's ceiling: stateless call time /
+   (stateless call time + load + commit), the ratio a stateful call would
+   reach if concierge itself cost nothing.
 
 "ratio" is stateful/stateless calls per second over all timed calls; "ratio
 (medians)" compares median call latencies, which a shared, busy machine
@@ -74,7 +80,7 @@ from mcp.client import Client
 from mcp.server.mcpserver import MCPServer
 
 from concierge import Concierge
-from concierge.state import Commit, StateBackend
+from concierge.state import Commit, StateBackend, backend_from_url
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLE_KEY = "concierge/session_id"
@@ -606,6 +612,54 @@ async def keys_scale(stores: Stores, kind: str, keys: int, calls: int, rounds: i
     ]
 
 
+async def round_trips(stores: Stores, kind: str, calls: int) -> tuple[float, float]:
+    """Median µs of `load` (version known) and of a one-key `commit`, the backend called directly."""
+    state, url = await stores.fresh(kind)
+    backend = state if state is not None else backend_from_url(url)
+    async with backend:
+        now = time.time()
+        version = await backend.commit(Commit("round-trip", 0, {"count": "0"}, expires_at=now + DAY), now=now)
+        loads, commits = [], []
+        clock = time.perf_counter
+        for i in range(calls + 50):  # the first 50 warm up
+            start = clock()
+            await backend.load("round-trip", now=now, known_version=version)
+            loaded = clock()
+            version = await backend.commit(
+                Commit("round-trip", version, {"count": str(i)}, expires_at=now + DAY), now=now
+            )
+            if i >= 50:
+                loads.append(loaded - start)
+                commits.append(clock() - loaded)
+    return statistics.median(loads) * 1e6, statistics.median(commits) * 1e6
+
+
+def ceiling_rows(trips: dict[str, tuple[float, float]], throughput_rows: list[list[str]]) -> list[list[str]]:
+    """Rows under `ROUND_TRIP_HEADER`; the ceiling needs the same run's in-process stateless calls/s."""
+    stateless = {(row[0], row[1].strip()): float(row[2].replace(",", "")) for row in throughput_rows}
+    rows = []
+    for kind, (load_us, commit_us) in trips.items():
+        row = [kind, f"{load_us:,.0f}", f"{commit_us:,.0f}"]
+        for client in ("2026-07-28 (handles)", "legacy (per connection)"):
+            rate = stateless.get((kind, client))
+            if rate:
+                call_us = 1e6 / rate
+                row.append(f"{call_us / (call_us + load_us + commit_us):.2f}")
+            else:
+                row.append("-")
+        rows.append(row)
+    return rows
+
+
+ROUND_TRIP_HEADER = [
+    "backend",
+    "load µs",
+    "commit µs",
+    "ceiling, 2026-07-28",
+    "ceiling, legacy",
+]
+
+
 def fsync_median_us(directory: Path, samples: int = 200) -> float:
     """Median latency of a small write + fsync in `directory`: what a durable SQLite commit waits for."""
     probe = directory / "fsync-probe"
@@ -702,6 +756,22 @@ async def run(args: argparse.Namespace) -> int:
                     rows,
                 )
             )
+        if "roundtrips" not in args.skip:
+            trips = {}
+            for kind in kinds:
+                print(f"round trips: {kind} ...", file=sys.stderr)
+                trips[kind] = await round_trips(stores, kind, args.calls)
+            rows = ceiling_rows(trips, results.get("throughput_inprocess", []))
+            results["roundtrips"] = rows
+            outputs.append(
+                table(
+                    f"The store calls of one stateful call on their own (the backend called directly, median of "
+                    f"{args.calls}), and the in-process ratio they leave room for: stateless call / (stateless call "
+                    "+ load + commit), with this run's stateless calls/s",
+                    ROUND_TRIP_HEADER,
+                    rows,
+                )
+            )
         disk_after = fsync_median_us(stores.tmp)
     finally:
         await stores.close()
@@ -741,7 +811,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keys", type=int, default=1000, help="keys in the big session (default 1000)")
     parser.add_argument("--json", help="also write every table's rows to this JSON file")
-    parser.add_argument("--skip", default="", help="comma-separated measurements to skip: throughput,sessions,keys")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated measurements to skip: throughput,sessions,keys,roundtrips"
+    )
     parser.add_argument(
         "--transports",
         default="inprocess",
