@@ -106,6 +106,16 @@ async def assert_not_found(url: str, session_id: str | None, *, token: str | Non
     return response
 
 
+async def a_session_then_kill(servers: OnePort) -> str:
+    """Start a server, add one item in a new legacy session, `kill -9` the server; the session's id."""
+    servers.start()
+    async with legacy_client(servers.url) as (client, wire):
+        await client.call_tool("add_to_cart", {"item": "x"})
+        servers.kill()
+    assert wire.session_id is not None
+    return wire.session_id
+
+
 def staged(port: int, state_url: str) -> ServerProcess:
     return ServerProcess([str(SERVERS / "staged_server.py"), str(port), state_url], port=port, state_url=state_url)
 
@@ -290,18 +300,13 @@ async def test_a_wire_record_left_without_its_state_is_404_and_dropped(persisten
     served, and it goes the first time its id is asked for."""
     with anyio.fail_after(LIMIT):
         async with OnePort(lambda port: cart(persistent_state_url, port)) as servers:
+            session_id = await a_session_then_kill(servers)
+            async with backend_from_url(persistent_state_url) as store:
+                assert await store.delete(f"http:{session_id}")
+                assert await store.load(f"wire:{session_id}", now=time.time()) is not None
             servers.start()
-            async with legacy_client(servers.url) as (client, wire):
-                await client.call_tool("add_to_cart", {"item": "x"})
-                session_id = wire.session_id
-                assert session_id is not None
-                servers.kill()
-                async with backend_from_url(persistent_state_url) as store:
-                    assert await store.delete(f"http:{session_id}")
-                    assert await store.load(f"wire:{session_id}", now=time.time()) is not None
-                servers.start()
-                await assert_not_found(servers.url, session_id)
-                servers.kill()
+            await assert_not_found(servers.url, session_id)
+            servers.kill()
     async with backend_from_url(persistent_state_url) as store:
         assert await store.load(f"wire:{session_id}", now=time.time()) is None
 
@@ -343,16 +348,11 @@ async def test_inspector_lists_wire_records_and_deleting_a_session_ends_its_roam
 
     with anyio.fail_after(LIMIT):
         async with OnePort(lambda port: cart(url, port)) as servers:
+            session_id = await a_session_then_kill(servers)
+            listed = json.loads(cli("list", "--scope", "wire", "--json").stdout)
+            assert [row["session_id"] for row in listed] == [f"wire:{session_id}"]
+            deleted = cli("delete", f"http:{session_id}")
+            assert deleted.returncode == 0, deleted.stderr
+            assert json.loads(cli("list", "--scope", "wire", "--json").stdout) == []
             servers.start()
-            async with legacy_client(servers.url) as (client, wire):
-                await client.call_tool("add_to_cart", {"item": "x"})
-                session_id = wire.session_id
-                assert session_id is not None
-                servers.kill()
-                listed = json.loads(cli("list", "--scope", "wire", "--json").stdout)
-                assert [row["session_id"] for row in listed] == [f"wire:{session_id}"]
-                deleted = cli("delete", f"http:{session_id}")
-                assert deleted.returncode == 0, deleted.stderr
-                assert json.loads(cli("list", "--scope", "wire", "--json").stdout) == []
-                servers.start()
-                await assert_not_found(servers.url, session_id)
+            await assert_not_found(servers.url, session_id)

@@ -75,28 +75,36 @@ _WATCH_ATTEMPTS = 50  # re-runs of a commit whose watched keys changed without a
 _SWEEP_BATCH = 500  # sessions per script run of `clear_expired`: no run blocks the server for long
 _TEN_YEARS = 10 * 365 * 86400.0
 
-# KEYS: metadata, values, expiry, sessions, history. ARGV: now, expires_at ("" = never), TTL ms of the
-# metadata, of the values (and history), id, -now. Renewing is activity: `updated_at` moves forward, never back.
-_TOUCH = """
-local now = tonumber(ARGV[1])
-local exp = redis.call('HGET', KEYS[1], 'expires_at')
-if redis.call('EXISTS', KEYS[1]) == 0 or (exp and tonumber(exp) <= now) then return 0 end
-if ARGV[2] == '' then
+# Lua that sets a session's expiry, given the locals `expires` (epoch seconds as text, "" = never),
+# `ttl_meta` and `ttl_values` (Redis TTLs in ms: the metadata's, the values' and history's) and `id`.
+# KEYS: metadata, values, expiry, sessions, history (as in both scripts below).
+_SET_EXPIRY = """
+if expires == '' then
   redis.call('HDEL', KEYS[1], 'expires_at')
-  redis.call('ZREM', KEYS[3], ARGV[5])
+  redis.call('ZREM', KEYS[3], id)
   redis.call('PERSIST', KEYS[1])
   redis.call('PERSIST', KEYS[2])
   redis.call('PERSIST', KEYS[5])
 else
-  redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  redis.call('PEXPIRE', KEYS[5], ARGV[4])
+  redis.call('HSET', KEYS[1], 'expires_at', expires)
+  redis.call('ZADD', KEYS[3], expires, id)
+  redis.call('PEXPIRE', KEYS[1], ttl_meta)
+  redis.call('PEXPIRE', KEYS[2], ttl_values)
+  redis.call('PEXPIRE', KEYS[5], ttl_values)
 end
+"""
+
+# KEYS: metadata, values, expiry, sessions, history. ARGV: now, expires_at ("" = never), TTL ms of the
+# metadata, of the values (and history), id, -now. Renewing is activity: `updated_at` moves forward, never back.
+_TOUCH = f"""
+local now = tonumber(ARGV[1])
+local exp = redis.call('HGET', KEYS[1], 'expires_at')
+if redis.call('EXISTS', KEYS[1]) == 0 or (exp and tonumber(exp) <= now) then return 0 end
+local expires, ttl_meta, ttl_values, id = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+{_SET_EXPIRY}
 if tonumber(redis.call('HGET', KEYS[1], 'updated_at')) < now then
   redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
-  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
+  redis.call('ZADD', KEYS[4], ARGV[6], id)
 end
 return 1
 """
@@ -107,11 +115,10 @@ return 1
 # ("" = never), TTL ms of the metadata, of the values (and history), id, -now, stage ("" unchanged, "n"
 # None, "s" the next argument), the stage, the number N of removed keys, N removed keys, then key, value
 # pairs written. Returns {2} when applied, {1, version} when the version moved, {0} when gone or expired.
-_UPDATE = """
+_UPDATE = f"""
 local meta = redis.call('HMGET', KEYS[1], 'version', 'expires_at')
-if not meta[1] or (meta[2] and tonumber(meta[2]) <= tonumber(ARGV[1])) then return {0} end
-if meta[1] ~= ARGV[2] then return {1, meta[1]} end
-redis.call('HDEL', KEYS[1], 'expires_at')
+if not meta[1] or (meta[2] and tonumber(meta[2]) <= tonumber(ARGV[1])) then return {{0}} end
+if meta[1] ~= ARGV[2] then return {{1, meta[1]}} end
 if ARGV[9] == 'n' then redis.call('HDEL', KEYS[1], 'stage') end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1], 'version', ARGV[3])
 if ARGV[9] == 's' then redis.call('HSET', KEYS[1], 'stage', ARGV[10]) end
@@ -119,19 +126,9 @@ local removed = tonumber(ARGV[11])
 if removed > 0 then redis.call('HDEL', KEYS[2], unpack(ARGV, 12, 11 + removed)) end
 if #ARGV > 11 + removed then redis.call('HSET', KEYS[2], unpack(ARGV, 12 + removed, #ARGV)) end
 redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7])
-if ARGV[4] == '' then
-  redis.call('ZREM', KEYS[3], ARGV[7])
-  redis.call('PERSIST', KEYS[1])
-  redis.call('PERSIST', KEYS[2])
-  redis.call('PERSIST', KEYS[5])
-else
-  redis.call('HSET', KEYS[1], 'expires_at', ARGV[4])
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[7])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
-  redis.call('PEXPIRE', KEYS[5], ARGV[6])
-end
-return {2}
+local expires, ttl_meta, ttl_values, id = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+{_SET_EXPIRY}
+return {{2}}
 """
 # Keys one `_UPDATE` may carry: Lua's `unpack` is bounded by its stack; larger commits use MULTI/EXEC.
 _UPDATE_MAX_KEYS = 1000
