@@ -69,7 +69,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -612,8 +612,9 @@ async def keys_scale(stores: Stores, kind: str, keys: int, calls: int, rounds: i
     ]
 
 
-async def round_trips(stores: Stores, kind: str, calls: int) -> tuple[float, float]:
-    """Median µs of `load` (version known) and of a one-key `commit`, the backend called directly."""
+async def round_trip_row(stores: Stores, kind: str, calls: int, throughput_rows: list[list[str]]) -> list[str]:
+    """One row under `ROUND_TRIP_HEADER`: median µs of `load` (version known) and of a one-key `commit`, the
+    backend called directly, and the ceiling they leave, from the same run's in-process stateless calls/s."""
     state, url = await stores.fresh(kind)
     backend = state if state is not None else backend_from_url(url)
     async with backend:
@@ -631,24 +632,17 @@ async def round_trips(stores: Stores, kind: str, calls: int) -> tuple[float, flo
             if i >= 50:
                 loads.append(loaded - start)
                 commits.append(clock() - loaded)
-    return statistics.median(loads) * 1e6, statistics.median(commits) * 1e6
-
-
-def ceiling_rows(trips: dict[str, tuple[float, float]], throughput_rows: list[list[str]]) -> list[list[str]]:
-    """Rows under `ROUND_TRIP_HEADER`; the ceiling needs the same run's in-process stateless calls/s."""
+    load_us, commit_us = statistics.median(loads) * 1e6, statistics.median(commits) * 1e6
     stateless = {(row[0], row[1].strip()): float(row[2].replace(",", "")) for row in throughput_rows}
-    rows = []
-    for kind, (load_us, commit_us) in trips.items():
-        row = [kind, f"{load_us:,.0f}", f"{commit_us:,.0f}"]
-        for client in ("2026-07-28 (handles)", "legacy (per connection)"):
-            rate = stateless.get((kind, client))
-            if rate:
-                call_us = 1e6 / rate
-                row.append(f"{call_us / (call_us + load_us + commit_us):.2f}")
-            else:
-                row.append("-")
-        rows.append(row)
-    return rows
+    row = [kind, f"{load_us:,.0f}", f"{commit_us:,.0f}"]
+    for client in ("2026-07-28 (handles)", "legacy (per connection)"):
+        rate = stateless.get((kind, client))
+        if rate:
+            call_us = 1e6 / rate
+            row.append(f"{call_us / (call_us + load_us + commit_us):.2f}")
+        else:
+            row.append("-")
+    return row
 
 
 ROUND_TRIP_HEADER = [
@@ -700,78 +694,76 @@ async def run(args: argparse.Namespace) -> int:
             kinds.append(kind)
     outputs = []
     results: dict[str, list[list[str]]] = {}  # measurement -> its table's rows, for --json
+    tables = {  # measurement -> the title and header of its table
+        "throughput_inprocess": (
+            (
+                f"Throughput: get_state + set_state of a counter vs the same tool on a plain MCPServer "
+                f"({args.calls} calls per series, {args.rounds} interleaved rounds, in-process client)"
+            ),
+            THROUGHPUT_HEADER,
+        ),
+        "throughput_http": (
+            (
+                f"Throughput over streamable HTTP on 127.0.0.1: the same tools, each server in its own process "
+                f"under uvicorn ({args.calls} calls per series, {args.rounds} interleaved rounds)"
+            ),
+            THROUGHPUT_HEADER,
+        ),
+        "sessions": (
+            "Per-call latency vs sessions stored (2026-07-28 client, the call's own session among them)",
+            ["backend", "sessions stored", "median µs", "p99 µs", f"median / {args.sessions[0]:,}"],
+        ),
+        "keys": (
+            "Per-call latency touching one key vs keys in the session (2026-07-28 client)",
+            ["backend", "keys in session", "median µs", "p99 µs", "median / 1 key"],
+        ),
+        "roundtrips": (
+            (
+                f"The store calls of one stateful call on their own (the backend called directly, median of "
+                f"{args.calls}), and the in-process ratio they leave room for: stateless call / (stateless call "
+                "+ load + commit), with this run's stateless calls/s"
+            ),
+            ROUND_TRIP_HEADER,
+        ),
+    }
+
+    async def each_backend(key: str, label: str, measure: Callable[[str], Awaitable[list[list[str]]]]) -> None:
+        """Run `measure` on every backend; keep its rows under `key` and print them as `tables[key]` says."""
+        rows = []
+        for kind in kinds:
+            print(f"{label}: {kind} ...", file=sys.stderr)
+            rows += await measure(kind)
+        results[key] = rows
+        title, header = tables[key]
+        outputs.append(table(title, header, rows))
+
+    async def round_trips(kind: str) -> list[list[str]]:
+        return [await round_trip_row(stores, kind, args.calls, results.get("throughput_inprocess", []))]
+
     disk_before = fsync_median_us(stores.tmp)
     try:
         if "throughput" not in args.skip and "inprocess" in args.transports:
-            rows = []
-            for kind in kinds:
-                print(f"throughput: {kind} ...", file=sys.stderr)
-                rows += await throughput(stores, kind, args.calls, args.rounds)
-            results["throughput_inprocess"] = rows
-            outputs.append(
-                table(
-                    f"Throughput: get_state + set_state of a counter vs the same tool on a plain MCPServer "
-                    f"({args.calls} calls per series, {args.rounds} interleaved rounds, in-process client)",
-                    THROUGHPUT_HEADER,
-                    rows,
-                )
+            await each_backend(
+                "throughput_inprocess", "throughput", lambda kind: throughput(stores, kind, args.calls, args.rounds)
             )
         if "throughput" not in args.skip and "http" in args.transports:
-            rows = []
-            for kind in kinds:
-                print(f"throughput over HTTP: {kind} ...", file=sys.stderr)
-                rows += await http_throughput(stores, kind, args.calls, args.rounds)
-            results["throughput_http"] = rows
-            outputs.append(
-                table(
-                    f"Throughput over streamable HTTP on 127.0.0.1: the same tools, each server in its own process "
-                    f"under uvicorn ({args.calls} calls per series, {args.rounds} interleaved rounds)",
-                    THROUGHPUT_HEADER,
-                    rows,
-                )
+            await each_backend(
+                "throughput_http",
+                "throughput over HTTP",
+                lambda kind: http_throughput(stores, kind, args.calls, args.rounds),
             )
         if "sessions" not in args.skip:
-            rows = []
-            for kind in kinds:
-                print(f"sessions: {kind} ...", file=sys.stderr)
-                rows += await sessions_scale(stores, kind, args.sessions, args.calls, args.rounds)
-            results["sessions"] = rows
-            outputs.append(
-                table(
-                    "Per-call latency vs sessions stored (2026-07-28 client, the call's own session among them)",
-                    ["backend", "sessions stored", "median µs", "p99 µs", f"median / {args.sessions[0]:,}"],
-                    rows,
-                )
+            await each_backend(
+                "sessions",
+                "sessions",
+                lambda kind: sessions_scale(stores, kind, args.sessions, args.calls, args.rounds),
             )
         if "keys" not in args.skip:
-            rows = []
-            for kind in kinds:
-                print(f"keys: {kind} ...", file=sys.stderr)
-                rows += await keys_scale(stores, kind, args.keys, args.calls, args.rounds)
-            results["keys"] = rows
-            outputs.append(
-                table(
-                    "Per-call latency touching one key vs keys in the session (2026-07-28 client)",
-                    ["backend", "keys in session", "median µs", "p99 µs", "median / 1 key"],
-                    rows,
-                )
+            await each_backend(
+                "keys", "keys", lambda kind: keys_scale(stores, kind, args.keys, args.calls, args.rounds)
             )
         if "roundtrips" not in args.skip:
-            trips = {}
-            for kind in kinds:
-                print(f"round trips: {kind} ...", file=sys.stderr)
-                trips[kind] = await round_trips(stores, kind, args.calls)
-            rows = ceiling_rows(trips, results.get("throughput_inprocess", []))
-            results["roundtrips"] = rows
-            outputs.append(
-                table(
-                    f"The store calls of one stateful call on their own (the backend called directly, median of "
-                    f"{args.calls}), and the in-process ratio they leave room for: stateless call / (stateless call "
-                    "+ load + commit), with this run's stateless calls/s",
-                    ROUND_TRIP_HEADER,
-                    rows,
-                )
-            )
+            await each_backend("roundtrips", "round trips", round_trips)
         disk_after = fsync_median_us(stores.tmp)
     finally:
         await stores.close()
