@@ -40,6 +40,7 @@ from concierge.state.base import (
     StoredCheckpoint,
     check_page,
     checkpoint_of,
+    update_conflict,
 )
 
 logger = logging.getLogger("concierge")
@@ -227,11 +228,14 @@ class SQLBackend(StateBackend):
                 self._opened = False
                 await self._disconnect()
 
-    @asynccontextmanager
-    async def _transaction(self, *, write: bool) -> AsyncIterator[Tx]:
-        # A backend used without `open()` opens itself on first use.
+    async def _ensure_open(self) -> None:
+        """A backend used without `open()` opens itself on first use."""
         if not self._opened:
             await self.open()
+
+    @asynccontextmanager
+    async def _transaction(self, *, write: bool) -> AsyncIterator[Tx]:
+        await self._ensure_open()
         async with self._begin(write=write) as tx:
             yield tx
 
@@ -417,11 +421,7 @@ class SQLBackend(StateBackend):
     async def _conflict(tx: Tx, commit: Commit, now: float) -> ConflictError:
         """Why a commit's version check found no row to bump."""
         rows = await tx.fetch(_VERSION, commit.session_id, now)
-        if not rows:
-            return ConflictError(f"session {commit.session_id!r} no longer exists (deleted or expired)")
-        return ConflictError(
-            f"session {commit.session_id!r} is at version {rows[0][0]}, expected {commit.expected_version}"
-        )
+        return update_conflict(commit, rows[0][0] if rows else None)
 
     async def delete(self, session_id: str) -> bool:
         async with self._transaction(write=True) as tx:

@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from concierge.errors import ConflictError
+
 __all__ = [
     "UNCHANGED",
     "Commit",
@@ -123,6 +125,14 @@ class Commit:
     before: dict[str, str | None] = field(default_factory=dict)
     stage_before: str | None = None
 
+    @property
+    def is_update(self) -> bool:
+        """An update of an existing session's keys, stage and expiry: no creation, clear or checkpoint.
+
+        The commit of most calls; a backend may give it a faster path.
+        """
+        return self.expected_version > 0 and not self.clear and self.history == 0
+
 
 @dataclass(frozen=True, slots=True)
 class StoredCheckpoint:
@@ -147,6 +157,14 @@ class StoredCheckpoint:
     stage_changed: bool = False
     stage: str | None = None
     previous_stage: str | None = None
+
+
+def update_conflict(commit: Commit, current: int | str | None) -> ConflictError:
+    """Why the update `commit` found its session moved: it is at version `current`, or `None`: gone
+    (deleted or expired). The same words on every backend."""
+    if current is None:
+        return ConflictError(f"session {commit.session_id!r} no longer exists (deleted or expired)")
+    return ConflictError(f"session {commit.session_id!r} is at version {current}, expected {commit.expected_version}")
 
 
 def check_page(limit: int, offset: int) -> None:

@@ -15,6 +15,7 @@ from concierge.state.base import (
     StoredCheckpoint,
     check_page,
     checkpoint_of,
+    update_conflict,
 )
 
 __all__ = ["MemoryBackend"]
@@ -108,12 +109,8 @@ class MemoryBackend(StateBackend):
             if row is not None:
                 raise ConflictError(f"session {commit.session_id!r} was created concurrently")
             return _Row(version=0, stage=None, owner=commit.owner, expires_at=None, created_at=now, updated_at=now)
-        if row is None:
-            raise ConflictError(f"session {commit.session_id!r} no longer exists (deleted or expired)")
-        if row.version != commit.expected_version:
-            raise ConflictError(
-                f"session {commit.session_id!r} is at version {row.version}, expected {commit.expected_version}"
-            )
+        if row is None or row.version != commit.expected_version:
+            raise update_conflict(commit, None if row is None else row.version)
         return row
 
     async def history(self, session_id: str) -> list[StoredCheckpoint]:

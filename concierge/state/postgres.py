@@ -215,7 +215,7 @@ class PostgresBackend(SQLBackend):
 
         A creation, a clear or a commit that records a checkpoint takes the general path.
         """
-        if commit.expected_version == 0 or commit.clear or commit.history > 0:
+        if not commit.is_update:
             return await super().commit(commit, now=now)
         removed = [key for key, value in commit.changes.items() if value is None]
         written = [(key, value) for key, value in commit.changes.items() if value is not None]

@@ -64,6 +64,7 @@ from concierge.state.base import (
     StoredCheckpoint,
     check_page,
     checkpoint_of,
+    update_conflict,
 )
 
 __all__ = ["DEFAULT_PREFIX", "RedisBackend"]
@@ -342,7 +343,7 @@ class RedisBackend(StateBackend):
         A creation, a clear, a commit that records a checkpoint or one of more
         than `_UPDATE_MAX_KEYS` keys takes the general path (WATCH, MULTI/EXEC).
         """
-        if commit.expected_version == 0 or commit.clear or commit.history > 0 or len(commit.changes) > _UPDATE_MAX_KEYS:
+        if not commit.is_update or len(commit.changes) > _UPDATE_MAX_KEYS:
             return (await self._commit_all([commit], now))[0]
         sid = commit.session_id
         version = commit.expected_version + 1
@@ -371,10 +372,8 @@ class RedisBackend(StateBackend):
         ]
         async with self._redis():
             outcome = await self._update_script(keys, args)
-        if outcome[0] == 0:
-            raise ConflictError(f"session {sid!r} no longer exists (deleted or expired)")
-        if outcome[0] == 1:
-            raise ConflictError(f"session {sid!r} is at version {outcome[1]}, expected {commit.expected_version}")
+        if outcome[0] != 2:
+            raise update_conflict(commit, outcome[1] if outcome[0] == 1 else None)
         return version
 
     async def commit_all(self, commits: Sequence[Commit], *, now: float) -> list[int]:
@@ -551,10 +550,8 @@ def _checked(commit: Commit, meta: Sequence[str | None], now: float, exists: str
         if live:
             raise ConflictError(f"session {sid!r} {exists}")
         return 1
-    if not live:
-        raise ConflictError(f"session {sid!r} no longer exists (deleted or expired)")
-    if int(version) != commit.expected_version:  # type: ignore[arg-type]
-        raise ConflictError(f"session {sid!r} is at version {version}, expected {commit.expected_version}")
+    if not live or int(version) != commit.expected_version:  # type: ignore[arg-type]
+        raise update_conflict(commit, version if live else None)
     return commit.expected_version + 1
 
 

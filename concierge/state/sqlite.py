@@ -374,10 +374,9 @@ class SQLiteBackend(SQLBackend):
         A creation, a clear or a commit that records a checkpoint takes the
         general path, a transaction of several statements.
         """
-        if commit.expected_version == 0 or commit.clear or commit.history > 0 or not self._one_statement:
+        if not commit.is_update or not self._one_statement:
             return await super().commit(commit, now=now)
-        if not self._opened:
-            await self.open()
+        await self._ensure_open()
         stage_given = commit.stage is not UNCHANGED
         args = (
             commit.session_id,
