@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
@@ -104,6 +105,13 @@ class _ThrowawayPostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def not_here(reason: str, *, in_ci: str | None = None) -> NoReturn:
+    """Skip for `reason`; under CI (`CI` set), which must run every test, fail with `in_ci` (or `reason`) instead."""
+    if os.environ.get("CI"):
+        pytest.fail(in_ci or reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """The admin URL of a running PostgreSQL server (skips when none can be had)."""
@@ -114,17 +122,15 @@ def postgres_server() -> Iterator[str]:
     try:
         server = _ThrowawayPostgres()
     except FileNotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Postgres tests, but {exc}")
-        pytest.skip(f"Postgres tests skipped: {exc} and {PG_ENV} is not set")
+        not_here(
+            f"Postgres tests skipped: {exc} and {PG_ENV} is not set", in_ci=f"CI must run the Postgres tests, but {exc}"
+        )
     try:
         admin_url = server.start()
     except subprocess.CalledProcessError as exc:
         server.stop()
         message = f"could not start a throwaway PostgreSQL: {exc.stderr.decode(errors='replace')}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        not_here(message)
     try:
         yield admin_url
     finally:
@@ -236,14 +242,12 @@ def redis_server() -> Iterator[str]:
     try:
         server = start_throwaway_redis()
     except FileNotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Redis tests, but {exc}")
-        pytest.skip(f"Redis tests skipped: {exc} and {REDIS_ENV} is not set")
+        not_here(
+            f"Redis tests skipped: {exc} and {REDIS_ENV} is not set", in_ci=f"CI must run the Redis tests, but {exc}"
+        )
     except RuntimeError as exc:
         message = f"could not start a throwaway Redis: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        not_here(message)
     try:
         yield server.url
     finally:

@@ -56,7 +56,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import httpx2
@@ -67,7 +67,7 @@ from mcp_types import CallToolResult
 
 from concierge.state import backend_from_url
 from concierge.state.base import SessionRecord
-from tests.conftest import _ThrowawayPostgres, fresh_postgres_database
+from tests.conftest import _ThrowawayPostgres, fresh_postgres_database, not_here
 
 pytestmark = pytest.mark.anyio
 
@@ -323,11 +323,9 @@ def whole_log(server: ServerProcess) -> str:
     return Path(server._log.name).read_text(errors="replace")
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """Skip for `reason`; under CI (`CI` set) fail instead: CI must run these tests."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run this test, but {reason}")
-    pytest.skip(reason)
+    not_here(reason, in_ci=f"CI must run this test, but {reason}")
 
 
 # -- 1. kill -9 under load -------------------------------------------------------------------------
