@@ -11,9 +11,11 @@ import importlib.util
 import json
 import os
 import signal
+import site
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +25,9 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult
 
-import concierge.__main__ as cli
-from concierge.__main__ import main
+import concierge.__main__
+import concierge.cli.examples as examples
+from concierge.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = ("shop", "travel", "workflow")
@@ -50,8 +53,10 @@ def _cli(*args: str, python: str = sys.executable, cwd: Path) -> subprocess.Comp
 
 
 def _payload(result: CallToolResult) -> dict:
+    """The tool's JSON result (after the handle notice, where handles are in use)."""
     assert not result.is_error, result.content
-    return json.loads(result.content[0].text)
+    blocks = [c.text for c in result.content if getattr(c, "type", None) == "text"]
+    return json.loads(blocks[1] if blocks[0].startswith("session_id: ") else blocks[0])
 
 
 def _free_port() -> int:
@@ -91,10 +96,14 @@ def test_private_modules_and_reserved_command_names_are_not_examples(
 ) -> None:
     for name in ("demo", "sessions", "_helpers"):
         (tmp_path / f"{name}.py").write_text(f'"""The {name} module.\n\nMore text."""\napp = None\n')
-    monkeypatch.setattr(cli, "examples_dir", lambda: tmp_path)
-    found = cli.find_examples()
+    monkeypatch.setattr(examples, "examples_dir", lambda: tmp_path)
+    found = examples.find_examples()
     assert list(found) == ["demo"]
     assert found["demo"].summary == "The demo module."
+
+
+def test_the_console_script_and_python_m_run_the_same_main() -> None:
+    assert concierge.__main__.main is main
 
 
 def test_stateless_without_streamable_http_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -266,14 +275,18 @@ def http_server(request: pytest.FixtureRequest, outside: Path) -> Iterator[str]:
 
 
 async def _add_twice_and_view(client: Client) -> tuple[dict, bool]:
-    """Add two products, passing back any handle; returns the cart and whether handles were used."""
-    extra: dict[str, str] = {}
+    """Add two products, starting a session and passing its handle back where the tools take one;
+    returns the cart and whether handles were used."""
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    takes_handle = "session_id" in ((tools["add_to_cart"].input_schema or {}).get("properties") or {})
+    extra: dict[str, str] = {"session_id": "new"} if takes_handle else {}
     for product in ("apple", "bread"):
         result = await client.call_tool("add_to_cart", {"product_id": product, **extra})
         handle = (result.meta or {}).get(HANDLE_KEY)
+        assert bool(handle) == takes_handle, result
         if handle:
             extra["session_id"] = handle
-    return _payload(await client.call_tool("view_cart", extra)), bool(extra)
+    return _payload(await client.call_tool("view_cart", extra)), takes_handle
 
 
 @pytest.mark.anyio
@@ -303,47 +316,86 @@ async def test_http_flags_reach_the_server(http_server: str, mode: str, expect_h
 
 
 # -- the installed wheel --------------------------------------------------------------
+def _site_dirs() -> list[str]:
+    """Where this interpreter finds its installed packages: its venv's, or the base interpreter's."""
+    paths = sysconfig.get_paths()
+    dirs = [*site.getsitepackages(), paths["purelib"], paths["platlib"]]
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
+def _venv_seeing_this_environment(venv: Path, wheel: Path) -> str:
+    """A venv with `wheel` installed in it that also sees this interpreter's packages; returns its python.
+
+    The wheel goes in first, while the venv sees nothing else, so pip finds no
+    other concierge to replace. Then a `.pth` file appends this environment's
+    site directories to the venv's path: after its own site-packages, so its
+    own concierge wins, and as plain paths, so the `.pth` files there (an
+    editable install of this checkout among them) are not run.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=LIMIT)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert install.returncode == 0, install.stderr
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+    ).stdout.strip()
+    (Path(purelib) / "_running_environment.pth").write_text("".join(f"{d}\n" for d in _site_dirs()))
+    return python
+
+
 @pytest.mark.anyio
 async def test_wheel_install_bundles_the_examples_and_serves_them(tmp_path: Path, outside: Path) -> None:
     """A non-editable install finds its examples inside the package (`concierge/examples`).
 
-    Offline: the venv sees this interpreter's packages, and the wheel is built
-    with the hatchling installed here (no build isolation, no index).
+    Offline, in a venv or not: the wheel is built by this interpreter with the
+    hatchling installed here (no build isolation, no index), and the venv it
+    goes into borrows this interpreter's packages for concierge's dependencies.
     """
-    if importlib.util.find_spec("hatchling") is None:
-        pytest.skip("hatchling (the build backend) is not installed, so the wheel cannot be built offline")
-    venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True, timeout=LIMIT
-    )
-    python = str(venv / "bin" / "python")
-    install = subprocess.run(
+    if importlib.util.find_spec("hatchling") is None or importlib.util.find_spec("pip") is None:
+        pytest.skip("pip and hatchling (the build backend) are needed to build the wheel offline")
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
-            "--python",
-            python,
-            "install",
+            "wheel",
             "--quiet",
             "--no-deps",
             "--no-build-isolation",
             "--no-index",
+            "--wheel-dir",
+            str(wheels),
             str(REPO),
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert install.returncode == 0, install.stderr
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheels.glob("concierge-*.whl")
+    venv = tmp_path / "venv"
+    python = _venv_seeing_this_environment(venv, wheel)
     where = subprocess.run(
-        [python, "-c", "import concierge.__main__ as m; print(m.examples_dir())"],
+        [python, "-c", "import concierge.cli.examples as m; print(m.examples_dir())"],
         cwd=outside,
         env=_env(),
         capture_output=True,
         text=True,
         timeout=LIMIT,
     )
+    assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(venv), "the installed package must use its bundled examples"
     listing = _cli(python=python, cwd=outside)
     assert listing.returncode == 0, listing.stderr

@@ -2,7 +2,7 @@
 
 SQLite and PostgreSQL stores are inspected by real `python -m concierge`
 subprocesses. A memory store lives in one process, so it is inspected by
-calling `concierge.inspector.main` with the backend object.
+calling `concierge.cli.sessions.main` with the backend object.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from concierge.inspector import main
+from concierge import ids
+from concierge.cli.sessions import main
 from concierge.state import Commit, StateBackend, backend_from_url
 from concierge.state.memory import MemoryBackend
 
@@ -264,6 +265,23 @@ def test_an_unknown_id_is_a_one_line_error(run: Store) -> None:
     assert "no session 'http:nope' in this store" in _failed(run.inline("show", "http:nope"))
 
 
+def test_an_id_with_a_storage_prefix_is_looked_up_as_given_only(run: Store) -> None:
+    for given in ("http:nope", "wire:nope", "user:nobody"):
+        err = _failed(run.inline("show", given))
+        assert f"no session {given!r} in this store" in err and "also tried" not in err
+
+
+def test_list_takes_every_kind_of_stored_id_as_a_scope(run: Store) -> None:
+    by_kind = {kind: _ids(run.inline("list", "--json", "--scope", kind)) for kind in ids.KINDS}
+    assert by_kind == {
+        "session": [f"h:{HANDLE}", "http:6a1f0c"],
+        "user": ["user:alice"],
+        "global": ["global"],
+        "wire": [],
+        "secrets": [],
+    }
+
+
 # -- delete and purge-expired -------------------------------------------------------------
 def test_delete_removes_the_session_and_all_its_state(run: Store) -> None:
     assert _ok(run("delete", HANDLE)) == f"deleted h:{HANDLE}\n"
@@ -369,3 +387,28 @@ def test_a_store_that_cannot_list_says_so_and_still_shows_sessions(capsys: pytes
     assert main(["export", "global"], backend=backend) == 0
     document = json.loads(capsys.readouterr().out)
     assert "updated_at" not in document and document["state"] == {"visits": 41}
+
+
+def test_the_handle_key_record_is_listed_but_its_value_is_never_printed(tmp_path: Path) -> None:
+    from concierge.handles import stored_keys
+    from concierge.work import SessionStore
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+
+    async def make() -> bytes:
+        store = SessionStore(backend_from_url(url))
+        async with store.opened():
+            return (await stored_keys(store))[0]
+
+    key = anyio.run(make)
+    shown = subprocess.run(
+        [sys.executable, "-m", "concierge", "sessions", "--url", url, "show", "secrets"],
+        capture_output=True, text=True, timeout=60,
+    )
+    exported = subprocess.run(
+        [sys.executable, "-m", "concierge", "sessions", "--url", url, "export", "secrets"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert shown.returncode == 0 and exported.returncode == 0, shown.stderr + exported.stderr
+    assert "<secret>" in shown.stdout and "<secret>" in exported.stdout
+    assert key.hex() not in shown.stdout + exported.stdout + shown.stderr + exported.stderr
