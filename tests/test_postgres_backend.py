@@ -1,4 +1,4 @@
-"""PostgreSQL-only behaviour: unreachable server, server lost and back, concurrent start-up, write economy."""
+"""PostgreSQL-only behaviour: the driver extra, unreachable server, server lost and back, write economy, migrations."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from concierge.errors import ConfigurationError, StateUnavailableError
 from concierge.state import Commit, backend_from_url
 from concierge.state.postgres import PostgresBackend
 from tests.conftest import _ThrowawayPostgres, fresh_postgres_database, not_here
+from tests.test_sqlite_backend import SQLMigrationTests
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -42,7 +45,32 @@ def _full_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)) + repr(exc.__context__) + repr(exc.__cause__)
 
 
-# -- URLs and unreachable servers ---------------------------------------------------------
+# -- the driver, URLs and unreachable servers ---------------------------------------------------------
+
+
+def test_postgres_without_the_extra_says_which_install_command_adds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `import asyncpg` now fails as it does where the package is not installed
+    for name in [n for n in sys.modules if n == "asyncpg" or n.startswith("asyncpg.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "concierge.state.postgres")
+    for url in (f"postgresql://u:{SECRET}@db.example:5432/app", "postgres://localhost/app"):
+        with pytest.raises(ConfigurationError) as caught:
+            backend_from_url(url)
+        assert 'pip install "concierge[postgres]"' in str(caught.value)
+        assert "CONCIERGE_STATE_URL" in str(caught.value) and SECRET not in str(caught.value)
+
+
+def test_postgres_driver_is_imported_only_for_a_postgres_url() -> None:
+    probe = (
+        "import sys, concierge, concierge.state\n"
+        "assert 'asyncpg' not in sys.modules, 'import concierge imported asyncpg'\n"
+        "concierge.state.backend_from_url('sqlite:///x.db')\n"
+        "assert 'asyncpg' not in sys.modules, 'a sqlite:// URL imported asyncpg'\n"
+        "concierge.state.backend_from_url('postgresql://localhost/db')\n"
+        "assert 'asyncpg' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_postgres_both_schemes_build_the_postgres_backend() -> None:
@@ -244,7 +272,7 @@ async def test_postgres_server_lost_mid_run_raises_unavailable_writes_nothing_an
             lambda: backend.load("s1", now=NOW),
             lambda: backend.load("s1", now=NOW, known_version=1),
             lambda: backend.commit(Commit("s1", 1, {"a": '"x"'}), now=NOW),
-            lambda: backend.create("s2", owner=None, expires_at=None, now=NOW),
+            lambda: backend.commit(Commit("s2", 0), now=NOW),
             lambda: backend.delete("s1"),
             lambda: backend.clear_expired(now=NOW),
         ]
@@ -262,3 +290,12 @@ async def test_postgres_server_lost_mid_run_raises_unavailable_writes_nothing_an
         for conn in side:
             conn.terminate()
         await backend.close()
+
+
+# -- the SQL schema's migrations, as on SQLite ------------------------------------------------------
+
+
+class TestPostgresMigrations(SQLMigrationTests):
+    @pytest.fixture
+    def sql_url(self, pg_url: str) -> str:
+        return pg_url

@@ -16,6 +16,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+import concierge.state._redis_layout as redis_layout
+import concierge.state._redis_scripts as redis_scripts
 import concierge.state.redis as redis_module
 from concierge.errors import ConfigurationError, ConflictError, StateUnavailableError
 from concierge.state import Commit, backend_from_url
@@ -203,27 +205,27 @@ async def test_redis_sets_a_relative_ttl_with_grace_on_both_keys_and_none_for_ne
     assert await backend.touch("s1", expires_at=None, now=NOW + 20)
     assert (await raw.pttl(meta), await raw.pttl(values)) == (-1, -1)
 
-    await backend.create("c1", owner=None, expires_at=NOW + 30, now=NOW)
+    await backend.commit(Commit("c1", 0, expires_at=NOW + 30), now=NOW)
     assert 0 < await raw.pttl(f"{backend.prefix}s:c1") <= (30 + grace) * 1000
 
 
-async def test_redis_history_key_expires_renews_and_goes_with_its_session(
+async def test_redis_checkpoints_key_expires_renews_and_goes_with_its_session(
     backend: RedisBackend, raw: aioredis.Redis
 ) -> None:
     meta, values, hist = (f"{backend.prefix}{kind}:s1" for kind in ("s", "v", "h"))
-    await backend.commit(Commit("s1", 0, {"a": "1"}, expires_at=NOW + 100, history=2), now=NOW)
+    await backend.commit(Commit("s1", 0, {"a": "1"}, expires_at=NOW + 100, keep_checkpoints=2), now=NOW)
     assert await raw.exists(hist) == 1
     assert await raw.pttl(hist) == pytest.approx(await raw.pttl(values), abs=50)  # expires with the values
     await backend.commit(Commit("s1", 1, {"a": "2"}, expires_at=NOW + 100), now=NOW)  # no checkpoint...
     assert await raw.pttl(hist) == pytest.approx(await raw.pttl(values), abs=50)  # ...but the TTL still moves
     assert await backend.touch("s1", expires_at=None, now=NOW + 1)
     assert await raw.pttl(hist) == -1
-    assert [c.version for c in await backend.history("s1")] == [1]
+    assert [c.version for c in await backend.checkpoints("s1")] == [1]
     for version in (2, 3, 4):
-        await backend.commit(Commit("s1", version, {"a": str(version + 1)}, history=2), now=NOW)
-    assert [c.version for c in await backend.history("s1")] == [4, 5]  # pruned to 2 in the same transaction
+        await backend.commit(Commit("s1", version, {"a": str(version + 1)}, keep_checkpoints=2), now=NOW)
+    assert [c.version for c in await backend.checkpoints("s1")] == [4, 5]  # pruned to 2 in the same transaction
 
-    await backend.commit(Commit("gone", 0, {"a": "1"}, expires_at=NOW + 1, history=5), now=NOW)
+    await backend.commit(Commit("gone", 0, {"a": "1"}, expires_at=NOW + 1, keep_checkpoints=5), now=NOW)
     assert [r.session_id for r in await backend.take_expired(now=NOW + 2, limit=10)] == ["gone"]
     assert await raw.exists(f"{backend.prefix}h:gone") == 0  # the sweep takes the checkpoints too
     assert await backend.delete("s1")
@@ -276,7 +278,7 @@ async def test_redis_a_touch_between_watch_and_exec_is_retried_not_a_conflict(
     await backend.commit(Commit("s1", 0, {"a": "1"}, expires_at=NOW + 60), now=NOW)
     side = redis.Redis.from_url(redis_server, decode_responses=True)
     checks = 0
-    original = redis_module._checked
+    original = redis_layout.checked_version
 
     def checked_then_renewed(*args: object) -> int:
         nonlocal checks
@@ -285,7 +287,7 @@ async def test_redis_a_touch_between_watch_and_exec_is_retried_not_a_conflict(
             side.hset(f"{backend.prefix}s:s1", mapping={"expires_at": repr(NOW + 90), "updated_at": repr(NOW + 1)})
         return original(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(redis_module, "_checked", checked_then_renewed)
+    monkeypatch.setattr(redis_layout, "checked_version", checked_then_renewed)
     try:  # commit_all takes the WATCH path (a lone update is one script, never interleaved)
         assert await backend.commit_all([Commit("s1", 1, {"a": "2"}, expires_at=NOW + 120)], now=NOW + 2) == [2]
     finally:
@@ -301,7 +303,7 @@ async def test_redis_a_commit_between_watch_and_exec_is_a_conflict_and_writes_no
     await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
     await backend.commit(Commit("s2", 0, {"a": "1"}), now=NOW)
     side = redis.Redis.from_url(RedisBackend.from_url(redis_server)._url, decode_responses=True)
-    original = redis_module._checked
+    original = redis_layout.checked_version
     interfered = False
 
     def checked_then_overtaken(commit: Commit, *rest: object) -> int:
@@ -314,7 +316,7 @@ async def test_redis_a_commit_between_watch_and_exec_is_a_conflict_and_writes_no
                 pipe.execute()
         return original(commit, *rest)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(redis_module, "_checked", checked_then_overtaken)
+    monkeypatch.setattr(redis_layout, "checked_version", checked_then_overtaken)
     try:
         with pytest.raises(ConflictError, match="'s2' is at version 2, expected 1"):
             await backend.commit_all([Commit("s1", 1, {"a": "mine"}), Commit("s2", 1, {"a": "mine"})], now=NOW)
@@ -391,7 +393,7 @@ async def test_redis_an_update_reports_conflicts_and_writes_nothing(backend: Red
 
 async def test_redis_an_update_of_more_keys_than_one_script_carries_takes_multi_exec(backend: RedisBackend) -> None:
     await backend.commit(Commit("big", 0, {"a": "1"}), now=NOW)
-    many = {f"k{i}": str(i) for i in range(redis_module._UPDATE_MAX_KEYS + 500)}
+    many = {f"k{i}": str(i) for i in range(redis_scripts.UPDATE_MAX_KEYS + 500)}
     assert await backend.commit(Commit("big", 1, {**many, "a": None}), now=NOW) == 2
     record = await backend.load("big", now=NOW)
     assert record is not None and record.values == many
@@ -427,7 +429,7 @@ async def test_redis_server_lost_mid_run_raises_unavailable_and_recovers(own_ser
             lambda: backend.load("s1", now=NOW, known_version=1),
             lambda: backend.commit(Commit("s1", 1, {"a": '"x"'}), now=NOW),
             lambda: backend.commit_all([Commit("s1", 1, {}), Commit("s2", 0, {})], now=NOW),
-            lambda: backend.create("s2", owner=None, expires_at=None, now=NOW),
+            lambda: backend.commit(Commit("s2", 0), now=NOW),
             lambda: backend.touch("s1", expires_at=None, now=NOW),
             lambda: backend.delete("s1"),
             lambda: backend.clear_expired(now=NOW),

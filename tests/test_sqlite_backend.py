@@ -1,10 +1,12 @@
-"""SQLite-only behaviour: URL forms, durability setting, file errors, several processes on one file, write economy."""
+"""SQLite-only behaviour: URL forms, durability setting, file errors, several processes on one file, write economy,
+and the SQL schema's migrations (`SQLMigrationTests`, which test_postgres_backend.py runs on PostgreSQL too)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sqlite3
+import subprocess
 import sys
 import textwrap
 import time
@@ -17,8 +19,10 @@ import anyio
 import pytest
 
 from concierge.errors import ConfigurationError, ConflictError, StateUnavailableError
-from concierge.state import Commit, backend_from_url
+from concierge.state import Commit, StateBackend, backend_from_url
+from concierge.state import _sql_schema as sql_schema
 from concierge.state import sqlite as sqlite_module
+from concierge.state._sql import SQLBackend
 from concierge.state.sqlite import SQLiteBackend
 
 pytestmark = pytest.mark.anyio
@@ -460,3 +464,110 @@ async def test_sqlite_connections_switching_a_new_file_to_wal_at_once_all_open(t
             for _ in range(3):
                 tg.start_soon(connect, SQLiteBackend(path))
     assert failures == []
+
+
+# -- the SQL schema's migrations (PostgreSQL's tests run them too: test_postgres_backend.py) ----------
+
+
+async def applied_migrations(b: StateBackend) -> list[int]:
+    """The versions the store's migrations table records, in order."""
+    assert isinstance(b, SQLBackend)
+    async with b._transaction(write=False) as tx:
+        rows = await tx.fetch("SELECT version FROM concierge_migrations ORDER BY version")
+    return [int(r[0]) for r in rows]
+
+
+_WORKER = """
+import asyncio, os, sys, time
+from concierge.state import Commit, backend_from_url
+url, name, ready, go = sys.argv[1:5]
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+async def main():
+    async with backend_from_url(url) as b:
+        await b.commit(Commit(name, 0, {"who": '"' + name + '"'}), now=1.0)
+asyncio.run(main())
+"""
+
+
+def start_together(url: str, names: list[str], tmp: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Run one worker per name, released at the same instant once all have imported."""
+    go = tmp / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, url, name, str(tmp / f"ready-{name}"), str(go)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
+    deadline = time.monotonic() + 30
+    while not all((tmp / f"ready-{n}").exists() for n in names) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    go.touch()
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=30)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+class SQLMigrationTests:
+    """`MIGRATIONS` on a SQL backend: applied once, safely when processes start at once, onto an older store.
+
+    A subclass supplies `sql_url`: a state URL naming a fresh, empty store of its backend.
+    """
+
+    async def test_migrations_apply_once_however_often_the_store_is_opened(self, sql_url: str) -> None:
+        expected = list(range(1, len(sql_schema.MIGRATIONS) + 1))
+        for attempt in range(2):
+            b = backend_from_url(sql_url)
+            async with b:
+                await b.open()  # a second open on the same object is a no-op too
+                assert await applied_migrations(b) == expected
+                await b.commit(Commit(f"s{attempt}", 0, {"a": "1"}), now=NOW)
+                if attempt == 1:  # the schema was not recreated: the first run's data is still there
+                    assert await b.load("s0", now=NOW) is not None
+
+    async def test_processes_starting_at_once_on_one_empty_store_all_succeed(
+        self, sql_url: str, tmp_path: Path
+    ) -> None:
+        names = [f"p{i}" for i in range(3)]
+        for done in start_together(sql_url, names, tmp_path):
+            assert done.returncode == 0, done.stderr
+        async with backend_from_url(sql_url) as b:
+            assert await applied_migrations(b) == list(range(1, len(sql_schema.MIGRATIONS) + 1))
+            for name in names:
+                record = await b.load(name, now=NOW)
+                assert record is not None and record.values == {"who": f'"{name}"'}
+
+    async def test_a_store_made_before_checkpoints_existed_is_migrated_and_keeps_its_sessions(
+        self, sql_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        migrations = sql_schema.MIGRATIONS
+        with monkeypatch.context() as patched:
+            patched.setattr(sql_schema, "MIGRATIONS", migrations[:1])
+            async with backend_from_url(sql_url) as old:  # the schema and data of a store before checkpoints
+                assert isinstance(old, SQLBackend)
+                async with old._transaction(write=True) as tx:
+                    await tx.execute(
+                        "INSERT INTO concierge_sessions (id, version, created_at, updated_at) VALUES ('s1', 1, $1, $1)",
+                        NOW,
+                    )
+                    await tx.execute("INSERT INTO concierge_values (session_id, key, value) VALUES ('s1', 'a', '1')")
+        async with backend_from_url(sql_url) as new:
+            assert await applied_migrations(new) == list(range(1, len(migrations) + 1))
+            assert await new.checkpoints("s1") == []
+            record = await new.load("s1", now=NOW)
+            assert record is not None and (record.version, record.values) == (1, {"a": "1"})
+            await new.commit(Commit("s1", 1, {"a": "2"}, before={"a": "1"}, keep_checkpoints=10, tool="t"), now=NOW)
+            assert [(c.version, c.previous) for c in await new.checkpoints("s1")] == [(2, {"a": "1"})]
+
+
+class TestSQLiteMigrations(SQLMigrationTests):
+    @pytest.fixture
+    def sql_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path / 'state.db'}"

@@ -4,7 +4,7 @@
 
 - unset, empty or `memory://` -> `MemoryBackend`
 - `sqlite:///relative.db`, `sqlite:////abs/path.db` -> `SQLiteBackend` (aiosqlite)
-- `postgresql://...`, `postgres://...` -> `PostgresBackend` (asyncpg)
+- `postgresql://...`, `postgres://...` -> `PostgresBackend` (asyncpg; the `postgres` extra)
 - `redis://...`, `rediss://...` -> `RedisBackend` (redis-py; the `redis` extra)
 """
 
@@ -33,6 +33,7 @@ SUPPORTED = (
     "memory://, sqlite:///path.db, postgresql://user:password@host:port/db (or postgres://), "
     "redis://[:password@]host:port/db (or rediss://)"
 )
+POSTGRES_EXTRA = 'pip install "concierge[postgres]"'
 REDIS_EXTRA = 'pip install "concierge[redis]"'
 
 
@@ -140,23 +141,30 @@ def _backend_from_url(url: str) -> StateBackend:
 
         return SQLiteBackend.from_url(url)
     if scheme in ("postgresql", "postgres"):
-        from concierge.state.postgres import PostgresBackend
-
+        try:
+            from concierge.state.postgres import PostgresBackend
+        except ImportError as exc:
+            _refuse_missing_driver(exc, url, "asyncpg", "the PostgreSQL driver (asyncpg)", POSTGRES_EXTRA)
+            raise
         return PostgresBackend.from_url(url)
     if scheme in ("redis", "rediss"):
         try:
             from concierge.state.redis import RedisBackend
         except ImportError as exc:
-            if (exc.name or "").partition(".")[0] != "redis":
-                raise
-            raise ConfigurationError(
-                f"{ENV_STATE_URL}={redact_url(url)!r} needs the Redis client, which is not installed; "
-                f"install it with: {REDIS_EXTRA}"
-            ) from None
+            _refuse_missing_driver(exc, url, "redis", "the Redis client", REDIS_EXTRA)
+            raise
         return RedisBackend.from_url(url)
     raise ConfigurationError(
         f"{ENV_STATE_URL}={redact_url(url)!r}: unsupported scheme {parts.scheme!r}; supported: {SUPPORTED}"
     )
+
+
+def _refuse_missing_driver(exc: ImportError, url: str, package: str, what: str, extra: str) -> None:
+    """Raise `ConfigurationError` when `exc` says the driver `package` is not installed (else return)."""
+    if (exc.name or "").partition(".")[0] == package:
+        raise ConfigurationError(
+            f"{ENV_STATE_URL}={redact_url(url)!r} needs {what}, which is not installed; install it with: {extra}"
+        ) from None
 
 
 def backend_from_env() -> StateBackend:

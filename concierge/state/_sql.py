@@ -1,21 +1,9 @@
-"""What the SQL backends share: the schema, its migrations and every statement of the contract.
+"""What the SQL backends share: the contract of `StateBackend`, run as SQL statements.
 
-The statements are written once, in the SQL that SQLite and PostgreSQL both
-accept, with `$1`-style placeholders (asyncpg's; the SQLite backend rewrites
-them to `?1`). A backend module only supplies a connection: `_connect`,
-`_disconnect` and `_begin` (one transaction, driver errors mapped to
-`StateUnavailableError`).
-
-Layout:
-
-- `concierge_sessions`: one row per session; `version` is the optimistic lock
-  every commit checks and bumps in the same statement; `expires_at` is indexed
-  for the sweep.
-- `concierge_values`: one row per (session, key); deleting a session cascades.
-- `concierge_history`: one row per checkpoint (session, version) of a commit
-  made with `Commit.history` > 0: the changed keys' new and previous JSON
-  text, as JSON objects, and the stage change; deleting a session cascades.
-- `concierge_migrations`: one row per applied step of `MIGRATIONS`.
+The schema, its migrations and the statements themselves are text in
+`concierge.state._sql_schema`. A backend module only supplies a connection:
+`_connect`, `_disconnect` and `_begin` (one transaction, driver errors mapped
+to `StateUnavailableError`).
 """
 
 from __future__ import annotations
@@ -31,6 +19,7 @@ from typing import Any, Protocol
 import anyio
 
 from concierge.errors import ConflictError, StateUnavailableError
+from concierge.state import _sql_schema as sql
 from concierge.state.base import (
     UNCHANGED,
     Commit,
@@ -45,127 +34,18 @@ from concierge.state.base import (
 
 logger = logging.getLogger("concierge")
 
-#: The schema, append-only: position + 1 is the version a step brings the store
-#: to. Never edit or reorder a step that has shipped; append a new one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        "CREATE TABLE concierge_sessions ("
-        " id TEXT PRIMARY KEY,"
-        " version BIGINT NOT NULL,"
-        " stage TEXT,"
-        " owner TEXT,"
-        " created_at DOUBLE PRECISION NOT NULL,"
-        " updated_at DOUBLE PRECISION NOT NULL,"
-        " expires_at DOUBLE PRECISION)",
-        "CREATE INDEX concierge_sessions_expires_at ON concierge_sessions (expires_at)",
-        "CREATE TABLE concierge_values ("
-        " session_id TEXT NOT NULL REFERENCES concierge_sessions (id) ON DELETE CASCADE,"
-        " key TEXT NOT NULL,"
-        " value TEXT NOT NULL,"
-        " PRIMARY KEY (session_id, key))",
-    ),
-    (
-        (
-            "CREATE TABLE concierge_history ("
-            " session_id TEXT NOT NULL REFERENCES concierge_sessions (id) ON DELETE CASCADE,"
-            " version BIGINT NOT NULL,"
-            " committed_at DOUBLE PRECISION NOT NULL,"
-            " tool TEXT,"
-            " changes TEXT NOT NULL,"
-            " previous TEXT NOT NULL,"
-            " stage_changed INTEGER NOT NULL,"
-            " stage TEXT,"
-            " previous_stage TEXT,"
-            " PRIMARY KEY (session_id, version))"
-        ),
-    ),
-)
-
-_MIGRATIONS_TABLE = (
-    "CREATE TABLE IF NOT EXISTS concierge_migrations ("
-    " version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
-)
-_LIVE = "(expires_at IS NULL OR expires_at > $2)"
-
-# Creation is one upsert: it inserts, or replaces a row that has expired, and
-# touches nothing (0 rows) when a live session holds the id.
-_CREATE = (
-    "INSERT INTO concierge_sessions (id, version, stage, owner, created_at, updated_at, expires_at)"
-    " VALUES ($1, 1, $2, $3, $4, $4, $5)"
-    " ON CONFLICT (id) DO UPDATE SET version = 1, stage = excluded.stage, owner = excluded.owner,"
-    " created_at = excluded.created_at, updated_at = excluded.updated_at, expires_at = excluded.expires_at"
-    " WHERE concierge_sessions.expires_at IS NOT NULL AND concierge_sessions.expires_at <= $4"
-)
-# The version check and the bump are one statement: 0 rows means another
-# writer, a delete or an expiry got there first.
-_BUMP = (
-    "UPDATE concierge_sessions SET version = version + 1, updated_at = $2, expires_at = $4{stage}"
-    f" WHERE id = $1 AND version = $3 AND {_LIVE}"
-)
-# `load` first reads the session row alone: when the caller's `known_version`
-# is current that is all it costs, however many keys the session holds.
-# Otherwise one more statement reads the row again with its values, so the
-# two always come from one snapshot.
-_LOAD_ROW = (
-    "SELECT version, stage, owner, expires_at, created_at FROM concierge_sessions"
-    " WHERE id = $1 AND (expires_at IS NULL OR expires_at > $2)"
-)
-_LOAD_ALL = (
-    "SELECT s.version, s.stage, s.owner, s.expires_at, s.created_at, v.key, v.value FROM concierge_sessions s"
-    " LEFT JOIN concierge_values v ON v.session_id = s.id"
-    " WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > $2)"
-)
-_VERSION = f"SELECT version FROM concierge_sessions WHERE id = $1 AND {_LIVE}"
-_CLEAR_VALUES = "DELETE FROM concierge_values WHERE session_id = $1"
-_DELETE_VALUE = "DELETE FROM concierge_values WHERE session_id = $1 AND key = $2"
-_PUT_VALUE = (
-    "INSERT INTO concierge_values (session_id, key, value) VALUES ($1, $2, $3)"
-    " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value"
-)
-_DELETE = "DELETE FROM concierge_sessions WHERE id = $1"
-# Checkpoints: a new life of a session id starts without its predecessor's.
-_CLEAR_HISTORY = "DELETE FROM concierge_history WHERE session_id = $1"
-_PUT_CHECKPOINT = (
-    "INSERT INTO concierge_history"
-    " (session_id, version, committed_at, tool, changes, previous, stage_changed, stage, previous_stage)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-)
-_PRUNE_HISTORY = "DELETE FROM concierge_history WHERE session_id = $1 AND version <= $2"
-_HISTORY = (
-    "SELECT version, committed_at, tool, changes, previous, stage_changed, stage, previous_stage"
-    " FROM concierge_history WHERE session_id = $1 ORDER BY version"
-)
-# A renewal is activity too: `updated_at` moves forward (never back, whatever a caller's clock says).
-_TOUCH = (
-    "UPDATE concierge_sessions SET expires_at = $3,"
-    " updated_at = CASE WHEN updated_at > $2 THEN updated_at ELSE $2 END"
-    f" WHERE id = $1 AND {_LIVE}"
-)
-# `list_sessions`: the page of session rows is chosen first, then only its
-# values are aggregated. `{where}` is built from the filters asked for;
-# `{size}` is the dialect's byte length of `v.value`.
-_LIST = (
-    "SELECT s.id, s.version, s.stage, s.owner, s.created_at, s.updated_at, s.expires_at,"
-    " COUNT(v.key), COALESCE(SUM({size}), 0)"
-    " FROM (SELECT id, version, stage, owner, created_at, updated_at, expires_at FROM concierge_sessions"
-    " {where} ORDER BY updated_at DESC, id LIMIT $1 OFFSET $2) s"
-    " LEFT JOIN concierge_values v ON v.session_id = s.id"
-    " GROUP BY s.id, s.version, s.stage, s.owner, s.created_at, s.updated_at, s.expires_at"
-    " ORDER BY s.updated_at DESC, s.id"
-)
-
 
 class Tx(Protocol):
     """One open transaction (or, for reads, one connection) of a SQL backend."""
 
-    async def fetch(self, sql: str, *args: Any) -> Sequence[Sequence[Any]]:
-        """Run `sql` and return all its rows."""
+    async def fetch(self, statement: str, *args: Any) -> Sequence[Sequence[Any]]:
+        """Run `statement` and return all its rows."""
 
-    async def execute(self, sql: str, *args: Any) -> int:
-        """Run `sql` and return how many rows it changed."""
+    async def execute(self, statement: str, *args: Any) -> int:
+        """Run `statement` and return how many rows it changed."""
 
-    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        """Run `sql` once per parameter tuple."""
+    async def executemany(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run `statement` once per parameter tuple."""
 
 
 class SQLBackend(StateBackend):
@@ -177,7 +57,7 @@ class SQLBackend(StateBackend):
     _expired_ids_sql = "SELECT id FROM concierge_sessions WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2"
     #: The length of `v.value` in UTF-8 bytes (SQLite: a text cast to a blob keeps its UTF-8 bytes).
     _value_bytes_sql = "length(CAST(v.value AS BLOB))"
-    supports_history = True
+    supports_checkpoints = True
 
     def __init__(self) -> None:
         self._open_lock = anyio.Lock()
@@ -244,17 +124,17 @@ class SQLBackend(StateBackend):
         while True:
             async with self._begin(write=True) as tx:
                 await self._migration_lock(tx)
-                await tx.execute(_MIGRATIONS_TABLE)
+                await tx.execute(sql.MIGRATIONS_TABLE)
                 rows = await tx.fetch("SELECT COALESCE(MAX(version), 0) FROM concierge_migrations")
                 current = int(rows[0][0])
-                if current > len(MIGRATIONS):
+                if current > len(sql.MIGRATIONS):
                     raise StateUnavailableError(
                         f"{self._where()} has schema version {current}, newer than this concierge knows "
-                        f"({len(MIGRATIONS)}); upgrade concierge"
+                        f"({len(sql.MIGRATIONS)}); upgrade concierge"
                     )
-                if current == len(MIGRATIONS):
+                if current == len(sql.MIGRATIONS):
                     return
-                for statement in MIGRATIONS[current]:
+                for statement in sql.MIGRATIONS[current]:
                     await tx.execute(statement)
                 await tx.execute(
                     "INSERT INTO concierge_migrations (version, applied_at) VALUES ($1, $2)", current + 1, time.time()
@@ -262,13 +142,6 @@ class SQLBackend(StateBackend):
             logger.info("%s: applied schema migration %d", self._where(), current + 1)
 
     # -- the contract ----------------------------------------------------------
-    async def create(self, session_id: str, *, owner: str | None, expires_at: float | None, now: float) -> None:
-        async with self._transaction(write=True) as tx:
-            if not await tx.execute(_CREATE, session_id, None, owner, now, expires_at):
-                raise ConflictError(f"session {session_id!r} already exists")
-            await tx.execute(_CLEAR_VALUES, session_id)  # what an expired predecessor left
-            await tx.execute(_CLEAR_HISTORY, session_id)
-
     async def load(
         self,
         session_id: str,
@@ -279,13 +152,13 @@ class SQLBackend(StateBackend):
     ) -> SessionRecord | None:
         async with self._transaction(write=False) as tx:
             if known_version is not None:
-                rows = await tx.fetch(_LOAD_ROW, session_id, now)
+                rows = await tx.fetch(sql.LOAD_ROW, session_id, now)
                 if not rows:
                     return None
                 version, stage, owner, expires_at, created_at = rows[0]
                 if version == known_version and known_created_at in (None, created_at):
                     return SessionRecord(session_id, int(version), None, stage, owner, expires_at, created_at)
-            rows = await tx.fetch(_LOAD_ALL, session_id, now)
+            rows = await tx.fetch(sql.LOAD_ALL, session_id, now)
         return _record(session_id, rows) if rows else None
 
     async def commit(self, commit: Commit, *, now: float) -> int:
@@ -306,17 +179,19 @@ class SQLBackend(StateBackend):
         sid = commit.session_id
         if commit.expected_version == 0:
             stage = None if commit.stage is UNCHANGED else commit.stage
-            if not await tx.execute(_CREATE, sid, stage, commit.owner, now, commit.expires_at):
+            if not await tx.execute(sql.CREATE, sid, stage, commit.owner, now, commit.expires_at):
                 raise ConflictError(f"session {sid!r} was created concurrently")
-            await tx.execute(_CLEAR_VALUES, sid)
-            await tx.execute(_CLEAR_HISTORY, sid)
+            await tx.execute(sql.CLEAR_VALUES, sid)
+            await tx.execute(sql.CLEAR_CHECKPOINTS, sid)
             version = 1
         else:
             if commit.stage is UNCHANGED:
-                bumped = await tx.execute(_BUMP.format(stage=""), sid, now, commit.expected_version, commit.expires_at)
+                bumped = await tx.execute(
+                    sql.BUMP.format(stage=""), sid, now, commit.expected_version, commit.expires_at
+                )
             else:
                 bumped = await tx.execute(
-                    _BUMP.format(stage=", stage = $5"),
+                    sql.BUMP.format(stage=", stage = $5"),
                     sid,
                     now,
                     commit.expected_version,
@@ -327,24 +202,24 @@ class SQLBackend(StateBackend):
                 raise await self._conflict(tx, commit, now)
             version = commit.expected_version + 1
             if commit.clear:
-                await tx.execute(_CLEAR_VALUES, sid)
+                await tx.execute(sql.CLEAR_VALUES, sid)
         # Only the keys this unit touched: the cost follows the change, not the session's size.
         removed = [(sid, key) for key, value in commit.changes.items() if value is None]
         written = [(sid, key, value) for key, value in commit.changes.items() if value is not None]
         if removed:
-            await tx.executemany(_DELETE_VALUE, removed)
+            await tx.executemany(sql.DELETE_VALUE, removed)
         if written:
-            await tx.executemany(_PUT_VALUE, written)
-        if commit.history > 0:
+            await tx.executemany(sql.PUT_VALUE, written)
+        if commit.keep_checkpoints > 0:
             await self._checkpoint(tx, commit, version, now)
         return version
 
     @staticmethod
     async def _checkpoint(tx: Tx, commit: Commit, version: int, now: float) -> None:
-        """Write the checkpoint of `commit` and prune what falls out of its `history` window."""
+        """Write the checkpoint of `commit` and prune what falls out of its `keep_checkpoints` window."""
         c = checkpoint_of(commit, version, now)
         await tx.execute(
-            _PUT_CHECKPOINT,
+            sql.PUT_CHECKPOINT,
             commit.session_id,
             version,
             now,
@@ -355,12 +230,12 @@ class SQLBackend(StateBackend):
             c.stage,
             c.previous_stage,
         )
-        if version > commit.history:
-            await tx.execute(_PRUNE_HISTORY, commit.session_id, version - commit.history)
+        if version > commit.keep_checkpoints:
+            await tx.execute(sql.PRUNE_CHECKPOINTS, commit.session_id, version - commit.keep_checkpoints)
 
-    async def history(self, session_id: str) -> list[StoredCheckpoint]:
+    async def checkpoints(self, session_id: str) -> list[StoredCheckpoint]:
         async with self._transaction(write=False) as tx:
-            rows = await tx.fetch(_HISTORY, session_id)
+            rows = await tx.fetch(sql.CHECKPOINTS, session_id)
         return [
             StoredCheckpoint(
                 version=int(version),
@@ -377,7 +252,7 @@ class SQLBackend(StateBackend):
 
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         async with self._transaction(write=True) as tx:
-            return bool(await tx.execute(_TOUCH, session_id, now, expires_at))
+            return bool(await tx.execute(sql.TOUCH, session_id, now, expires_at))
 
     async def list_sessions(
         self,
@@ -399,9 +274,9 @@ class SQLBackend(StateBackend):
             # A literal comparison of the id's first characters: no LIKE wildcards to escape.
             args.extend([len(prefix), prefix])
             where.append(f"substr(id, 1, ${len(args) - 1}) = ${len(args)}")
-        sql = _LIST.format(size=self._value_bytes_sql, where=f"WHERE {' AND '.join(where)}" if where else "")
+        statement = sql.LIST.format(size=self._value_bytes_sql, where=f"WHERE {' AND '.join(where)}" if where else "")
         async with self._transaction(write=False) as tx:
-            rows = await tx.fetch(sql, *args)
+            rows = await tx.fetch(statement, *args)
         return [
             SessionSummary(
                 session_id=sid,
@@ -420,12 +295,12 @@ class SQLBackend(StateBackend):
     @staticmethod
     async def _conflict(tx: Tx, commit: Commit, now: float) -> ConflictError:
         """Why a commit's version check found no row to bump."""
-        rows = await tx.fetch(_VERSION, commit.session_id, now)
+        rows = await tx.fetch(sql.VERSION, commit.session_id, now)
         return update_conflict(commit, rows[0][0] if rows else None)
 
     async def delete(self, session_id: str) -> bool:
         async with self._transaction(write=True) as tx:
-            return bool(await tx.execute(_DELETE, session_id))
+            return bool(await tx.execute(sql.DELETE, session_id))
 
     async def clear_expired(self, *, now: float) -> int:
         async with self._transaction(write=True) as tx:
@@ -435,8 +310,8 @@ class SQLBackend(StateBackend):
         taken = []
         async with self._transaction(write=True) as tx:
             for (sid,) in await tx.fetch(self._expired_ids_sql, now, limit):
-                taken.append(_record(sid, await tx.fetch(_LOAD_ALL, sid, float("-inf"))))
-                await tx.execute(_DELETE, sid)
+                taken.append(_record(sid, await tx.fetch(sql.LOAD_ALL, sid, float("-inf"))))
+                await tx.execute(sql.DELETE, sid)
         return taken
 
 
@@ -446,7 +321,7 @@ def compact_json(document: Any) -> str:
 
 
 def _record(session_id: str, rows: Sequence[Sequence[Any]]) -> SessionRecord:
-    """A session from the rows of `_LOAD_ALL` (one per key; one with a NULL key when it has none)."""
+    """A session from the rows of `LOAD_ALL` (one per key; one with a NULL key when it has none)."""
     version, stage, owner, expires_at, created_at = rows[0][:5]
     values = {row[5]: row[6] for row in rows if row[5] is not None}
     return SessionRecord(session_id, int(version), values, stage, owner, expires_at, created_at)

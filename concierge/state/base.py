@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from concierge.errors import ConflictError
 
@@ -27,6 +28,7 @@ __all__ = [
     "StateBackend",
     "StoredCheckpoint",
     "checkpoint_of",
+    "update_conflict",
 ]
 
 
@@ -104,13 +106,13 @@ class Commit:
         owner: the principal recorded when the commit creates the session.
         expires_at: the new absolute expiry (epoch seconds), `None` = never.
         tool: what made the commit (a tool's name), recorded in its checkpoint.
-        history: how many checkpoints to keep for the session, this commit's
+        keep_checkpoints: how many checkpoints to keep for the session, this commit's
             included (older ones are pruned); 0 records none.
         before: what the commit overwrites, for its checkpoint (only read when
-            `history` > 0): for every key in `changes` - and, with `clear`,
+            `keep_checkpoints` > 0): for every key in `changes` - and, with `clear`,
             every key the session held - its JSON text at `expected_version`,
             `None` when it was absent.
-        stage_before: the stage at `expected_version` (only read when `history` > 0).
+        stage_before: the stage at `expected_version` (only read when `keep_checkpoints` > 0).
     """
 
     session_id: str
@@ -121,7 +123,7 @@ class Commit:
     owner: str | None = None
     expires_at: float | None = None
     tool: str | None = None
-    history: int = 0
+    keep_checkpoints: int = 0
     before: dict[str, str | None] = field(default_factory=dict)
     stage_before: str | None = None
 
@@ -131,12 +133,12 @@ class Commit:
 
         The commit of most calls; a backend may give it a faster path.
         """
-        return self.expected_version > 0 and not self.clear and self.history == 0
+        return self.expected_version > 0 and not self.clear and self.keep_checkpoints == 0
 
 
 @dataclass(frozen=True, slots=True)
 class StoredCheckpoint:
-    """What one commit changed, as `StateBackend.history` returns it (JSON text, as stored).
+    """What one commit changed, as `StateBackend.checkpoints` returns it (JSON text, as stored).
 
     Attributes:
         version: the version the commit brought the session to.
@@ -196,7 +198,14 @@ def checkpoint_of(commit: Commit, version: int, now: float) -> StoredCheckpoint:
 
 
 class StateBackend(ABC):
-    """Async storage for sessions. Subclasses implement the abstract methods.
+    """Async storage for sessions.
+
+    A backend implements the five abstract methods: `load`, `commit_all`,
+    `touch`, `delete` and `take_expired`. `commit` and `clear_expired` have
+    defaults built on them, which a backend may override with a faster path;
+    `list_sessions` and `checkpoints` are optional (their defaults raise
+    `NotImplementedError`). `concierge.testing.StateBackendConformance` is the
+    test suite a backend passes.
 
     All timestamps are epoch seconds supplied by the caller (`now`), so tests
     can drive expiry with an injected clock. A session whose `expires_at` is at
@@ -207,6 +216,8 @@ class StateBackend(ABC):
     scheme: str = ""
     #: Whether sessions outlive the process (and can be shared by several processes).
     persistent: bool = True
+    #: Whether the backend records checkpoints (`Commit.keep_checkpoints`) and implements `checkpoints`.
+    supports_checkpoints: bool = False
 
     async def open(self) -> None:
         """Connect and apply migrations. Called once at server start; idempotent.
@@ -220,15 +231,6 @@ class StateBackend(ABC):
         """Release connections. Safe to call more than once, or without `open`."""
 
     @abstractmethod
-    async def create(self, session_id: str, *, owner: str | None, expires_at: float | None, now: float) -> None:
-        """Create an empty session at version 1.
-
-        Raises:
-            ConflictError: a live session with this id already exists. (An
-                expired one is replaced.)
-        """
-
-    @abstractmethod
     async def load(
         self,
         session_id: str,
@@ -237,9 +239,10 @@ class StateBackend(ABC):
         known_version: int | None = None,
         known_created_at: float | None = None,
     ) -> SessionRecord | None:
-        """Return the live session, or `None` when it does not exist or has expired.
+        """Read a live session.
 
         Args:
+            session_id: the session to read.
             now: the time expiry is judged at. `float("-inf")` returns a
                 session whatever its expiry, as long as it has not been deleted
                 (how an expired handle is told apart from an unknown one).
@@ -249,31 +252,53 @@ class StateBackend(ABC):
                 with `values=None` instead of reading every key again.
             known_created_at: the `created_at` of the session life the caller's
                 values belong to.
+
+        Returns:
+            The session, its `values` a copy the caller may change; `None` when
+            it does not exist, was deleted or has expired at `now`.
+
+        Raises:
+            StateUnavailableError: the store could not be reached.
         """
 
-    @abstractmethod
     async def commit(self, commit: Commit, *, now: float) -> int:
-        """Apply `commit` atomically and return the session's new version.
+        """Apply one commit atomically: `commit_all` of one, unless a backend has a faster path.
 
-        With `expected_version == 0` the session is created (at version 1);
-        otherwise the stored version must equal `expected_version`. Nothing is
-        written when this raises - except that a connection lost during the
-        final COMMIT leaves the outcome unknown; the version check then makes
-        a retry safe (it fails with `ConflictError` if the first attempt landed).
+        With `expected_version == 0` the commit creates the session at version
+        1 (replacing an expired one of the same id, whose values and
+        checkpoints go with it); otherwise the stored version must equal
+        `expected_version`. Nothing is written when this raises - except that a
+        connection lost during the final COMMIT leaves the outcome unknown; the
+        version check then makes a retry safe (it fails with `ConflictError` if
+        the first attempt landed).
+
+        Args:
+            commit: the changes, and the version they were computed from.
+            now: the time of the commit: expiry is judged at it, and it becomes
+                the session's `updated_at` (and `created_at`, when it creates it).
+
+        Returns:
+            The session's new version.
 
         Raises:
             ConflictError: the stored version differs, the session to create
-                already exists, or the session to update no longer exists (it
-                was deleted or expired: a deleted session is never resurrected).
+                already exists (live), or the session to update no longer
+                exists (it was deleted or expired: a deleted session is never
+                resurrected).
             StateUnavailableError: the store could not be reached.
         """
+        return (await self.commit_all([commit], now=now))[0]
 
     @abstractmethod
     async def commit_all(self, commits: Sequence[Commit], *, now: float) -> list[int]:
         """Apply several commits, to distinct sessions, atomically: all of them or none.
 
         One unit of work writes its session and the shared user and global
-        buckets this way. Returns the new versions, in the order given.
+        buckets this way. Each commit is checked and applied as `commit`
+        describes; an empty sequence writes nothing.
+
+        Returns:
+            The new versions, in the order of `commits`.
 
         Raises:
             ConflictError: any one of them conflicts (as in `commit`); nothing
@@ -286,17 +311,30 @@ class StateBackend(ABC):
         """Move a live session's expiry to `expires_at` without changing its version.
 
         This is how a call that only reads renews its session; it never
-        conflicts with a concurrent commit. Returns whether a live session was
-        found (an expired or missing one is left alone).
+        conflicts with a concurrent commit. It is activity: the session's
+        `updated_at` moves forward to `now` (never back).
+
+        Args:
+            expires_at: the new absolute expiry, `None` = never.
+
+        Returns:
+            Whether a live session was found; an expired or missing one is left
+            alone (`False`, nothing written).
+
+        Raises:
+            StateUnavailableError: the store could not be reached.
         """
 
     @abstractmethod
     async def delete(self, session_id: str) -> bool:
-        """Delete the session and all its keys. Returns whether it existed."""
+        """Delete the session with all its keys and checkpoints, expired or not.
 
-    @abstractmethod
-    async def clear_expired(self, *, now: float) -> int:
-        """Delete every session expired at `now`; return how many were deleted."""
+        Returns:
+            Whether it existed (`False` for an unknown id: a no-op).
+
+        Raises:
+            StateUnavailableError: the store could not be reached.
+        """
 
     @abstractmethod
     async def take_expired(self, *, now: float, limit: int) -> list[SessionRecord]:
@@ -304,8 +342,33 @@ class StateBackend(ABC):
 
         Each expired session is returned by exactly one call, even with several
         processes sweeping one store, so end-of-session work runs once.
-        Returns an empty list when none is left.
+
+        Returns:
+            The sessions taken, with their values; an empty list when none is
+            left (or `limit` is 0).
+
+        Raises:
+            StateUnavailableError: the store could not be reached.
         """
+
+    async def clear_expired(self, *, now: float) -> int:
+        """Delete every session expired at `now` (with its keys and checkpoints).
+
+        The default takes them with `take_expired`, a batch at a time; a backend
+        may override it with a path that does not read the sessions first.
+
+        Returns:
+            How many were deleted (0 when none had expired).
+
+        Raises:
+            StateUnavailableError: the store could not be reached.
+        """
+        total = 0
+        while True:
+            taken = len(await self.take_expired(now=now, limit=_CLEAR_BATCH))
+            total += taken
+            if taken < _CLEAR_BATCH:
+                return total
 
     async def list_sessions(
         self,
@@ -331,6 +394,9 @@ class StateBackend(ABC):
             limit: at most this many summaries (0 or more).
             offset: skip this many, in the order above (0 or more).
 
+        Returns:
+            The page asked for; an empty list past the last session.
+
         Raises:
             ValueError: `limit` or `offset` is negative.
             NotImplementedError: this backend cannot list its sessions.
@@ -340,28 +406,33 @@ class StateBackend(ABC):
             f"{type(self).__name__} does not support listing sessions (StateBackend.list_sessions)"
         )
 
-    #: Whether the backend records checkpoints (`Commit.history`) and implements `history`.
-    supports_history: bool = False
+    async def checkpoints(self, session_id: str) -> list[StoredCheckpoint]:
+        """The checkpoints kept for a session.
 
-    async def history(self, session_id: str) -> list[StoredCheckpoint]:
-        """The checkpoints kept for a session, oldest first (empty when it has none or does not exist).
+        A commit with `keep_checkpoints` > 0 records one in the same transaction
+        as its changes and prunes the session's checkpoints older than the last
+        `keep_checkpoints` ones; they go with the session when it is deleted or
+        expires, and a new life of its id starts with none. Every built-in
+        backend implements it (see `supports_checkpoints`); another backend may
+        not, in which case this default raises `NotImplementedError`.
 
-        A commit with `history` > 0 records one in the same transaction as its
-        changes and prunes the session's checkpoints older than the last
-        `history` ones; they go with the session when it is deleted or expires.
-        Every built-in backend (memory, SQLite, PostgreSQL, Redis) implements it (see
-        `supports_history`); another backend may not, in which case this
-        default raises `NotImplementedError`.
+        Returns:
+            Its checkpoints, oldest first; an empty list when it has none or
+            does not exist.
 
         Raises:
-            NotImplementedError: this backend does not record history.
+            NotImplementedError: this backend does not record checkpoints.
             StateUnavailableError: the store could not be reached.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not record history (StateBackend.history)")
+        raise NotImplementedError(f"{type(self).__name__} does not record checkpoints (StateBackend.checkpoints)")
 
-    async def __aenter__(self) -> StateBackend:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+#: Sessions per `take_expired` call of the default `clear_expired`.
+_CLEAR_BATCH = 500

@@ -30,7 +30,7 @@ class _Row:
     created_at: float
     updated_at: float
     values: dict[str, str] = field(default_factory=dict)
-    history: list[StoredCheckpoint] = field(default_factory=list)
+    checkpoints: list[StoredCheckpoint] = field(default_factory=list)
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or self.expires_at > now
@@ -39,24 +39,17 @@ class _Row:
 class MemoryBackend(StateBackend):
     """Sessions in a dict of this process. Lost when the process exits.
 
-    Every method body runs without an `await`, so on one event loop each call is
-    atomic without a lock.
+    No method waits on anything (the defaults of `commit` and `clear_expired`
+    only await these methods), so on one event loop each call is atomic
+    without a lock.
     """
 
     scheme = "memory"
     persistent = False
-    supports_history = True
+    supports_checkpoints = True
 
     def __init__(self) -> None:
         self._rows: dict[str, _Row] = {}
-
-    async def create(self, session_id: str, *, owner: str | None, expires_at: float | None, now: float) -> None:
-        row = self._rows.get(session_id)
-        if row is not None and row.live(now):
-            raise ConflictError(f"session {session_id!r} already exists")
-        self._rows[session_id] = _Row(
-            version=1, stage=None, owner=owner, expires_at=expires_at, created_at=now, updated_at=now
-        )
 
     async def load(
         self,
@@ -72,9 +65,6 @@ class MemoryBackend(StateBackend):
         current = known_version == row.version and known_created_at in (None, row.created_at)
         values = None if current else dict(row.values)
         return SessionRecord(session_id, row.version, values, row.stage, row.owner, row.expires_at, row.created_at)
-
-    async def commit(self, commit: Commit, *, now: float) -> int:
-        return (await self.commit_all([commit], now=now))[0]
 
     async def commit_all(self, commits: Sequence[Commit], *, now: float) -> list[int]:
         rows = [self._checked(commit, now) for commit in commits]  # every check before any write
@@ -92,10 +82,10 @@ class MemoryBackend(StateBackend):
             row.expires_at = commit.expires_at
             row.updated_at = now
             row.version += 1
-            if commit.history > 0:
-                row.history.append(checkpoint_of(commit, row.version, now))
-                oldest = row.version - commit.history
-                row.history = [c for c in row.history if c.version > oldest]
+            if commit.keep_checkpoints > 0:
+                row.checkpoints.append(checkpoint_of(commit, row.version, now))
+                oldest = row.version - commit.keep_checkpoints
+                row.checkpoints = [c for c in row.checkpoints if c.version > oldest]
             self._rows[commit.session_id] = row
             versions.append(row.version)
         return versions
@@ -113,9 +103,9 @@ class MemoryBackend(StateBackend):
             raise update_conflict(commit, None if row is None else row.version)
         return row
 
-    async def history(self, session_id: str) -> list[StoredCheckpoint]:
+    async def checkpoints(self, session_id: str) -> list[StoredCheckpoint]:
         row = self._rows.get(session_id)
-        return [] if row is None else list(row.history)
+        return [] if row is None else list(row.checkpoints)
 
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         row = self._rows.get(session_id)
@@ -127,12 +117,6 @@ class MemoryBackend(StateBackend):
 
     async def delete(self, session_id: str) -> bool:
         return self._rows.pop(session_id, None) is not None
-
-    async def clear_expired(self, *, now: float) -> int:
-        expired = [sid for sid, row in self._rows.items() if not row.live(now)]
-        for sid in expired:
-            del self._rows[sid]
-        return len(expired)
 
     async def take_expired(self, *, now: float, limit: int) -> list[SessionRecord]:
         taken = []
