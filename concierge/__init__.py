@@ -15,6 +15,7 @@ def add_to_cart(product_id: str) -> dict:
 """
 
 from concierge.app import Concierge
+from concierge.checkpoints import DELETED, Checkpoint, Reverted
 from concierge.errors import (
     ConciergeError,
     ConfigurationError,
@@ -29,9 +30,9 @@ from concierge.errors import (
     StateTypeError,
     StateUnavailableError,
     StateValueError,
+    UndeclaredScopeError,
     UnknownSessionError,
 )
-from concierge.history import DELETED, Checkpoint, Reverted
 from concierge.state import MemoryBackend, StateBackend, backend_from_url
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "StateTypeError",
     "StateUnavailableError",
     "StateValueError",
+    "UndeclaredScopeError",
     "UnknownSessionError",
     "backend_from_url",
 ]

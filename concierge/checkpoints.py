@@ -1,6 +1,6 @@
 """History and revert: the checkpoints commits record, and how a session goes back to one.
 
-With `Concierge(..., history=N)` every committed unit of work records a
+With `Concierge(..., keep_checkpoints=N)` every committed unit of work records a
 checkpoint of the session (and of each shared bucket) it wrote: its new
 version, when, which tool, and each changed key's new value - not a copy of
 the state. The last N per session are kept; older ones are pruned in the same
@@ -15,15 +15,16 @@ commit, with its own checkpoint (tool `"revert"`), so it can be reverted too.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from concierge.errors import ConflictError, HistoryError, UnknownSessionError
-from concierge.inspector import scope_of, storage_ids
+from concierge.ids import kind_of, lookup_ids
 from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend, StoredCheckpoint
 from concierge.work import SessionStore, decode
 
-__all__ = ["DELETED", "REVERT_TOOL", "Checkpoint", "Reverted", "restore"]
+__all__ = ["DELETED", "REVERT_TOOL", "Checkpoint", "CheckpointMethods", "Reverted", "restore"]
 
 REVERT_TOOL = "revert"
 """The `tool` recorded in the checkpoint of a revert."""
@@ -46,7 +47,7 @@ DELETED: Any = _Deleted()
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """One committed unit of work on a session, as `Concierge.history` returns it.
+    """One committed unit of work on a session, as `Concierge.checkpoints` returns it.
 
     Attributes:
         version: the session's version after the commit (1 for the commit that created it).
@@ -147,12 +148,14 @@ def _diff(current: dict[str, str], wanted: dict[str, str]) -> dict[str, str | No
 
 
 def _history_off() -> HistoryError:
-    return HistoryError("history is not recorded: create the app with Concierge(..., history=N) to keep N per session")
+    return HistoryError(
+        "checkpoints are not recorded: create the app with Concierge(..., keep_checkpoints=N) to keep N per session"
+    )
 
 
 async def _locate(store: SessionStore, given: str) -> str:
     """The storage id of the live session `given` names (a bare handle is tried as `h:<handle>`)."""
-    tried = storage_ids(given)
+    tried = lookup_ids(given)
     now = store.clock()
     for session_id in tried:
         if await store.backend.load(session_id, now=now) is not None:
@@ -162,33 +165,32 @@ async def _locate(store: SessionStore, given: str) -> str:
 
 
 async def checkpoints(store: SessionStore, session_id: str) -> list[Checkpoint]:
-    """`Concierge.history`: the checkpoints kept for a session, oldest first."""
-    if store.history <= 0:
+    """`Concierge.checkpoints`: the checkpoints kept for a session, oldest first."""
+    if store.keep_checkpoints <= 0:
         raise _history_off()
     async with store.opened():
         found = await _locate(store, session_id)
-        return [Checkpoint.of(c) for c in await store.backend.history(found)]
+        return [Checkpoint.of(c) for c in await store.backend.checkpoints(found)]
 
 
 async def revert(store: SessionStore, session_id: str, version: int) -> Reverted:
     """`Concierge.revert`: restore a session's state and stage as of `version`, as a new commit."""
-    if store.history <= 0:
+    if store.keep_checkpoints <= 0:
         raise _history_off()
     async with store.opened():
         found = await _locate(store, session_id)
         async with store.locked(found):
-            unit = await store.load(found, create=False)
-            if unit is None:
+            copy = await store.load(found, create=False)
+            if copy is None:
                 raise UnknownSessionError(f"unknown or expired session {session_id!r}")
-            stored = await store.backend.history(found)
-            values, stage = restore(found, unit.base, unit.stage, unit.version, stored, version)
-            unit.changes.update(_diff(unit.base, values))
-            unit.set_stage(stage)
-            unit.tool = REVERT_TOOL
-            unit.expiring = scope_of(found) == "session"  # user and global buckets never expire
-            unit.must_persist = True  # even a revert that changes nothing is recorded
-            await store.commit(unit)
-    return Reverted(found, version, unit.version + 1, {k: decode(v) for k, v in sorted(values.items())}, stage)
+            stored = await store.backend.checkpoints(found)
+            values, stage = restore(found, copy.base, copy.stage, copy.version, stored, version)
+            copy.changes.update(_diff(copy.base, values))
+            copy.set_stage(stage)
+            copy.expiring = kind_of(found) == "session"  # user and global buckets never expire
+            copy.must_persist = True  # even a revert that changes nothing is recorded
+            await store.commit(copy, tool=REVERT_TOOL)
+    return Reverted(found, version, copy.version + 1, {k: decode(v) for k, v in sorted(values.items())}, stage)
 
 
 async def revert_record(
@@ -200,11 +202,11 @@ async def revert_record(
     it fails with `ConflictError` if the session changed since `record` was
     loaded. It records a checkpoint when `keep` > 0; by default (`None`) when
     the session already has checkpoints, keeping all of them plus this one
-    (a server with `history=N` prunes back to N at its next commit).
+    (a server with `keep_checkpoints=N` prunes back to N at its next commit).
     """
     sid = record.session_id
     current = dict(record.values or {})
-    stored = await backend.history(sid)
+    stored = await backend.checkpoints(sid)
     values, stage = restore(sid, current, record.stage, record.version, stored, version)
     if keep is None:
         keep = len(stored) + 1 if stored else 0
@@ -217,7 +219,7 @@ async def revert_record(
         owner=record.owner,
         expires_at=record.expires_at,
         tool=REVERT_TOOL,
-        history=keep,
+        keep_checkpoints=keep,
         before={key: current.get(key) for key in changes},
         stage_before=record.stage,
     )
@@ -226,3 +228,41 @@ async def revert_record(
     except ConflictError as exc:
         raise ConflictError(f"{exc}; the session changed while it was being reverted, nothing was written") from None
     return Reverted(sid, version, new_version, {k: decode(v) for k, v in sorted(values.items())}, stage)
+
+
+class CheckpointMethods:
+    """The app's checkpoint API: `checkpoints`, `revert` (and the deprecated `history`), mixed into `Concierge`."""
+
+    _store: SessionStore
+
+    async def checkpoints(self, session_id: str) -> list[Checkpoint]:
+        """The checkpoints kept for a session, oldest first (needs `keep_checkpoints=N`).
+
+        `session_id` is a storage id (`h:<handle>`, `http:...`, `user:<principal>`,
+        `global`) or a bare handle. Works outside a running server too.
+
+        Raises:
+            HistoryError: checkpoints are off for this app.
+            UnknownSessionError: no live session has that id.
+        """
+        return await checkpoints(self._store, session_id)  # the module function, not this method
+
+    async def history(self, session_id: str) -> list[Checkpoint]:
+        """Deprecated: the old name of `checkpoints`."""
+        warnings.warn("app.history() is deprecated; use app.checkpoints()", DeprecationWarning, 2)
+        return await self.checkpoints(session_id)
+
+    async def revert(self, session_id: str, version: int) -> Reverted:
+        """Restore a session's state and stage as of `version`, as a new commit (itself revertible).
+
+        It waits for any call running on the session in this process and
+        commits with the usual version check. Versions from (the oldest kept
+        checkpoint's version - 1) to the current one can be restored.
+
+        Raises:
+            HistoryError: checkpoints are off, or `version` cannot be restored
+                (the message names the oldest version that can).
+            UnknownSessionError: no live session has that id.
+            ConflictError: another process committed to the session meanwhile.
+        """
+        return await revert(self._store, session_id, version)

@@ -24,6 +24,7 @@ __all__ = [
     "StateTypeError",
     "StateUnavailableError",
     "StateValueError",
+    "UndeclaredScopeError",
     "UnknownSessionError",
 ]
 
@@ -46,6 +47,14 @@ class StateKeyError(ConciergeError, ValueError):
 
 class StateScopeError(ConciergeError, ValueError):
     """A state call named a scope other than "session", "user" or "global"."""
+
+
+class UndeclaredScopeError(StateScopeError):
+    """Code used a shared scope (`user`, `global`) that was not loaded for it and cannot be loaded mid-call.
+
+    Async code cannot wait inside the synchronous `get_state`; the message
+    names the fix: declare the scope (`@app.tool(scopes={"user"})`).
+    """
 
 
 class StateValueError(ConciergeError, ValueError):

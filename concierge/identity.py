@@ -30,21 +30,28 @@ from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.context import ServerRequestContext
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from concierge import ids
 from concierge._sdk import connection_of, principal_string
+from concierge.handles import LEGACY_LENGTH, HandleSigner
 
 __all__ = [
     "HANDLE_META_KEY",
-    "HANDLE_PREFIX",
     "Identity",
     "new_handle",
     "principal",
     "resolve",
+    "user_of",
+    "user_of_stored",
+    "wire_session",
 ]
 
 HANDLE_META_KEY = "concierge/session_id"
-HANDLE_PREFIX = "h:"
+NEW = "new"
+"""The handle value that asks for a new session."""
+STATUS_META_KEY = "concierge/session"
 _CONNECTION_STATE_KEY = "concierge.session"
 _HANDLE_SHAPE = re.compile(r"[A-Za-z0-9_-]{22,128}")
+_SSE_SHAPE = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as the SDK's SSE transport mints it
 
 # Set for the life of a stdio server: stdio has one client per process, and on
 # the 2026-07-28 wire the SDK builds a fresh Connection for every request, so
@@ -65,17 +72,10 @@ def principal() -> str | None:
     return principal_string(token)
 
 
-NO_USER = (
-    "user state needs to know who the caller is, and this HTTP request carries no access token. "
-    "Protect the server with the SDK's auth (token_verifier= and auth=) so each caller has an identity, "
-    "or keep this state in scope='session'"
-)
-
-
 def user_of(ctx: ServerRequestContext[Any, Any], owner: str | None) -> str | None:
     """Whose `user` state a request reaches: the authenticated principal; else, on a
     connection local to this machine (stdio, in-process), the OS user running the
-    server; else (unauthenticated HTTP) nobody - see `NO_USER`.
+    server; else (unauthenticated HTTP) nobody.
     """
     if owner is not None:
         return owner
@@ -89,14 +89,9 @@ def user_of_stored(session_id: str, owner: str | None) -> str | None:
     OS user for sessions of a local connection."""
     if owner is not None:
         return owner
-    if session_id.startswith(("stdio:", "conn:")):
+    if ids.is_local(session_id):
         return "os:" + _os_user()
     return None
-
-
-def closes_with_connection(session_id: str) -> bool:
-    """Whether a session ends when its legacy connection closes (its id is the connection's)."""
-    return session_id.startswith(("http:", "sse:", "conn:"))
 
 
 @functools.cache  # asked on every call of a local connection; a process keeps its user
@@ -119,6 +114,9 @@ class Identity:
         is_new: no handle was supplied: the call starts a new session.
         owner: the authenticated principal making the request.
         supplied: the handle as the client sent it (for error messages).
+        malformed: what was supplied is not a handle at all.
+        issued_at: when this server minted the handle (its signature checked),
+            `None` for an unsigned handle of an earlier version, looked up in the store.
     """
 
     session_id: str | None
@@ -128,33 +126,52 @@ class Identity:
     owner: str | None = None
     supplied: str | None = None
     malformed: bool = False
+    issued_at: float | None = None
 
 
 def wire_session(ctx: ServerRequestContext[Any, Any]) -> str | None:
     """The storage id the transport itself provides, or `None` on handle wires."""
     proc = process_session.get()
     if proc is not None:
-        return "stdio:" + proc
+        return ids.STDIO + proc
+    request = ctx.request
+    sse = _sse_session(request)
+    if sse is not None:  # one session per SSE connection, on both eras
+        return ids.SSE + sse
     if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
         return None
     connection = connection_of(ctx)
     if connection.session_id:
-        return "http:" + connection.session_id
-    request = ctx.request
+        return ids.HTTP + connection.session_id
     if request is not None:
         headers = getattr(request, "headers", None)
         sid = headers.get("mcp-session-id") if headers is not None else None
         if sid:
-            return "http:" + sid
-        query = getattr(request, "query_params", None)
-        sse = query.get("session_id") if query is not None else None
-        if sse:
-            return "sse:" + sse
+            return ids.HTTP + sid
         return None  # legacy stateless HTTP: a fresh connection per request
     sid = connection.state.get(_CONNECTION_STATE_KEY)
     if sid is None:
         sid = connection.state[_CONNECTION_STATE_KEY] = new_handle()
-    return "conn:" + sid
+    return ids.CONN + sid
+
+
+def _sse_session(request: object) -> str | None:
+    """The SSE connection of a request posted to the SSE transport's message endpoint, else `None`.
+
+    The SDK's SSE transport (mcp 2.3) posts every message with the connection's
+    `session_id` query parameter, a UUID it minted and checked; a request that
+    also carries `mcp-session-id` is streamable HTTP, whose id comes first.
+    """
+    if request is None:
+        return None
+    headers = getattr(request, "headers", None)
+    if headers is not None and headers.get("mcp-session-id"):
+        return None
+    query = getattr(request, "query_params", None)
+    sid = query.get("session_id") if query is not None else None
+    if not isinstance(sid, str) or not _SSE_SHAPE.fullmatch(sid):
+        return None
+    return sid
 
 
 def uses_handles(ctx: ServerRequestContext[Any, Any]) -> bool:
@@ -162,37 +179,41 @@ def uses_handles(ctx: ServerRequestContext[Any, Any]) -> bool:
     return wire_session(ctx) is None
 
 
-def resolve(ctx: ServerRequestContext[Any, Any], supplied: object, *, start: bool) -> Identity:
+def resolve(
+    ctx: ServerRequestContext[Any, Any], supplied: object, *, start: bool, signer: HandleSigner, now: float
+) -> Identity:
     """Resolve a request's session.
 
     Args:
         supplied: the handle the client passed (`None` when it passed none).
             Ignored on wires that carry their own session.
-        start: a missing handle starts a new session (tool calls) rather than
-            leaving the request without one (resource reads, prompts).
+        start: a missing handle (or `"new"`) starts a new session (tool calls)
+            rather than leaving the request without one (resource reads, prompts).
+        signer: mints and checks handles; a handle it did not sign for this
+            caller is refused without a store lookup.
     """
     owner = principal()
     wire = wire_session(ctx)
     if wire is not None:
         return Identity(session_id=wire, via_handle=False, owner=owner)
-    if supplied is None or supplied == "":
+    if supplied is None or supplied == "" or supplied == NEW:
         if not start:
             return Identity(session_id=None, via_handle=True, owner=owner)
-        handle = new_handle()
-        return Identity(
-            HANDLE_PREFIX + handle,
-            via_handle=True,
-            handle=handle,
-            is_new=True,
-            owner=owner,
-        )
+        handle = signer.mint(owner, now)
+        return Identity(ids.HANDLE + handle, via_handle=True, handle=handle, is_new=True, owner=owner, issued_at=now)
     if not isinstance(supplied, str) or not _HANDLE_SHAPE.fullmatch(supplied):
         shown = supplied[:64] if isinstance(supplied, str) else type(supplied).__name__
         return Identity(None, via_handle=True, owner=owner, supplied=shown, malformed=True)
+    if len(supplied) == LEGACY_LENGTH:  # unsigned, from an earlier version: only the store can tell
+        return Identity(ids.HANDLE + supplied, via_handle=True, handle=supplied, owner=owner, supplied=supplied)
+    verified = signer.verify(supplied, owner)
+    if verified is None:  # forged, altered, or another caller's: refused with no store lookup
+        return Identity(None, via_handle=True, owner=owner, supplied=supplied)
     return Identity(
-        HANDLE_PREFIX + supplied,
+        ids.HANDLE + supplied,
         via_handle=True,
         handle=supplied,
         owner=owner,
         supplied=supplied,
+        issued_at=verified.issued_at,
     )

@@ -11,20 +11,27 @@ the state backend: they are this process's, for this session, for now.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import anyio
 
+from concierge.config import seconds
 from concierge.errors import LiveObjectError, StateTypeError
+from concierge.work import current_unit, working_copy
 
-__all__ = ["LiveObjects"]
+__all__ = ["LiveMethods", "LiveObjects", "session_of"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 logger = logging.getLogger("concierge")
 
@@ -95,7 +102,7 @@ class LiveObjects:
     def get(self, session_id: str, key: str, factory: Callable[[], Any], close: Callable[[Any], Any] | None) -> Any:
         """The live object, created with the sync `factory()` on first use."""
         if inspect.iscoroutinefunction(factory):
-            raise LiveObjectError(f"live object {key!r}: the factory is async; use `await app.aresource(...)`")
+            raise LiveObjectError(f"live object {key!r}: the factory is async; use `await app.alive(...)`")
         with self._mutex:
             live = self._hit(session_id, key)
             if live is not None:
@@ -103,7 +110,7 @@ class LiveObjects:
             value = factory()
             if inspect.isawaitable(value):
                 raise LiveObjectError(
-                    f"live object {key!r}: the factory returned an awaitable; use `await app.aresource(...)`"
+                    f"live object {key!r}: the factory returned an awaitable; use `await app.alive(...)`"
                 )
             self._keep(session_id, key, value, close)
             return value
@@ -193,3 +200,89 @@ async def _close(session_id: str, key: str, live: _Live) -> None:
             await result
     except Exception:
         logger.exception("concierge: closing live object %r of session %r raised", key, session_id)
+
+
+def session_of(operation: str) -> str:
+    """The storage id of this request's session (`NoSessionError` when it has none)."""
+    working_copy(operation)  # raises NoSessionError when the request has no session
+    session_id = current_unit(operation).session_id
+    assert session_id is not None
+    return session_id
+
+
+def _cache_ttl(ttl: float | timedelta | None) -> float | None:
+    return seconds(ttl, what="cache ttl", none=": until the session ends", error=ValueError)
+
+
+class LiveMethods:
+    """The app's API over `LiveObjects`: `live`, `alive`, `cached`, `acached`, `cache` (mixed into `Concierge`)."""
+
+    _live: LiveObjects
+
+    def live(self, key: str, factory: Callable[[], Any], *, close: Callable[[Any], Any] | None = None) -> Any:
+        """This session's live object `key`, created by the sync `factory()` on first use.
+
+        Held in this process's memory, never persisted. `close(obj)` (sync or
+        async; default: the object's own `aclose()` or `close()`) runs when the
+        session ends (terminated, expired, connection closed), at shutdown, or
+        when `max_live_objects` evicts it. Use `alive` for an async factory.
+        """
+        return self._live.get(session_of("live"), key, factory, close)
+
+    async def alive(self, key: str, factory: Callable[[], Any], *, close: Callable[[Any], Any] | None = None) -> Any:
+        """`live` for a sync or async `factory`; concurrent first use creates it once."""
+        return await self._live.aget(session_of("alive"), key, factory, close)
+
+    def cached(self, key: str, ttl: float | timedelta | None, factory: Callable[[], Any]) -> Any:
+        """This session's cached JSON value `key`, computed by `factory()` when absent or older than `ttl`.
+
+        Kept in this process's memory, not part of the session's state and
+        never written to the backend; gone when the session ends. Each call
+        returns a fresh copy. `ttl=None` keeps it until the session ends.
+        """
+        session_id = session_of("cached")
+        hit, value = self._live.cache_get(session_id, key)
+        if hit:
+            return value
+        return self._live.cache_put(session_id, key, factory(), _cache_ttl(ttl))
+
+    async def acached(self, key: str, ttl: float | timedelta | None, factory: Callable[[], Any]) -> Any:
+        """`cached` for a sync or async `factory`."""
+        session_id = session_of("acached")
+        hit, value = self._live.cache_get(session_id, key)
+        if hit:
+            return value
+        value = factory()
+        if inspect.isawaitable(value):
+            value = await value
+        return self._live.cache_put(session_id, key, value, _cache_ttl(ttl))
+
+    def cache(self, *, ttl: float | timedelta | None) -> Callable[[_F], _F]:
+        """Decorate a function (sync or async): its JSON results are cached per session and arguments for `ttl`."""
+
+        def decorator(fn: _F) -> _F:
+            def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+                return f"{fn.__module__}.{fn.__qualname__}:" + json.dumps([args, kwargs], sort_keys=True, default=repr)
+
+            if inspect.iscoroutinefunction(fn):
+
+                @functools.wraps(fn)
+                async def cached_async(*args: Any, **kwargs: Any) -> Any:
+                    return await self.acached(key_of(args, kwargs), ttl, lambda: fn(*args, **kwargs))
+
+                return cached_async  # type: ignore[return-value]
+
+            @functools.wraps(fn)
+            def cached_sync(*args: Any, **kwargs: Any) -> Any:
+                return self.cached(key_of(args, kwargs), ttl, lambda: fn(*args, **kwargs))
+
+            return cached_sync  # type: ignore[return-value]
+
+        return decorator
+
+    async def aresource(
+        self, key: str, factory: Callable[[], Any], *, close: Callable[[Any], Any] | None = None
+    ) -> Any:
+        """Deprecated: the old name of `alive`."""
+        warnings.warn("app.aresource is deprecated; use app.alive", DeprecationWarning, 2)
+        return await self._live.aget(session_of("aresource"), key, factory, close)

@@ -18,6 +18,9 @@ from typing import Any
 from mcp_types import CallToolResult
 
 HANDLE_KEY = "concierge/session_id"
+STATUS_KEY = "concierge/session"
+NEW: dict[str, str] = {"session_id": "new"}
+"""The arguments that start a new session from any stateful tool on a handle wire."""
 SERVERS = Path(__file__).parent / "servers"
 CART_SERVER = SERVERS / "cart_server.py"
 
@@ -156,6 +159,12 @@ def texts(result: CallToolResult) -> list[str]:
     return [c.text for c in result.content if getattr(c, "type", None) == "text"]
 
 
+def notice(result: CallToolResult) -> str | None:
+    """The session-handle notice concierge puts first on handle wires, or `None`."""
+    first = texts(result)[:1]
+    return first[0] if first and first[0].startswith("session_id: ") else None
+
+
 def text(result: CallToolResult) -> str:
     return "\n".join(texts(result))
 
@@ -165,7 +174,8 @@ def payload(result: CallToolResult) -> Any:
     assert not result.is_error, f"tool call failed: {text(result)}"
     if isinstance(result.structured_content, dict) and "result" not in result.structured_content:
         return result.structured_content
-    return json.loads(texts(result)[0])
+    blocks = texts(result)
+    return json.loads(blocks[1] if notice(result) is not None else blocks[0])
 
 
 def handle_of(result: CallToolResult) -> str:
@@ -177,3 +187,23 @@ def handle_of(result: CallToolResult) -> str:
 
 def has_handle(result: CallToolResult) -> bool:
     return HANDLE_KEY in (result.meta or {})
+
+
+def status_of(result: CallToolResult) -> str | None:
+    """`_meta["concierge/session"]`: what became of the handle the call carried (handle wires only)."""
+    return (result.meta or {}).get(STATUS_KEY)
+
+
+def new_session(mode: str) -> dict[str, str]:
+    """The arguments that start a session on a first call: none on a legacy connection (it is the session)."""
+    return {} if mode == "legacy" else dict(NEW)
+
+
+SESSION_PREFIXES = ("h:", "http:", "sse:", "stdio:", "conn:")
+"""The storage-id prefixes of sessions (the store also holds shared buckets and bookkeeping records)."""
+
+
+async def stored_sessions(app: Any) -> list[str]:
+    """The storage ids of every session in a running app's store (expired ones too), nothing else it holds."""
+    listed = await app.state_backend.list_sessions(now=time.time(), include_expired=True, limit=10_000)
+    return [summary.session_id for summary in listed if summary.session_id.startswith(SESSION_PREFIXES)]

@@ -37,23 +37,25 @@ async def test_an_idle_handle_expires_and_is_refused(state_url: str) -> None:
     now = [1_000_000.0]
     app = _app(state_url, now)
     async with Client(app) as client:
-        first = await client.call_tool("add", {"item": "a"})
+        first = await client.call_tool("add", {"item": "a", "session_id": "new"})
         handle = first.meta["concierge/session_id"]
         now[0] += 601
         late = await client.call_tool("show", {"session_id": handle})
     assert late.is_error
     assert "expired" in _text(late) and "start_session" in _text(late)
+    assert late.meta["concierge/session"] == "expired"
 
 
 async def test_reading_renews_the_session(state_url: str) -> None:
     now = [1_000_000.0]
     app = _app(state_url, now)
     async with Client(app) as client:
-        handle = (await client.call_tool("add", {"item": "a"})).meta["concierge/session_id"]
+        handle = (await client.call_tool("add", {"item": "a", "session_id": "new"})).meta["concierge/session_id"]
         for _ in range(4):  # 4 x 400 s > the 600 s TTL, but never 600 s idle
             now[0] += 400
             seen = await client.call_tool("show", {"session_id": handle})
             assert not seen.is_error, _text(seen)
+            assert seen.meta["concierge/session"] == "active"
         assert "a" in _text(seen)
 
 

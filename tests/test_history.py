@@ -1,7 +1,7 @@
-"""History and revert end to end: `Concierge(history=N)` through the SDK's in-process client, on every backend.
+"""History and revert end to end: `Concierge(keep_checkpoints=N)` through the SDK's in-process client, on every backend.
 
 Each test drives tools with `Client(app)` (the 2026-07-28 wire: sessions are
-handles, storage id `h:<handle>`), then reads `app.history` and calls
+handles, storage id `h:<handle>`), then reads `app.checkpoints` and calls
 `app.revert`. The `sessions history` / `sessions revert` commands are run as
 real `python -m concierge` subprocesses on a SQLite store.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import handle_of, payload
+from helpers import NEW, handle_of, payload
 from mcp import Client
 
 from concierge import DELETED, Checkpoint, Concierge, ConfigurationError, HistoryError, MemoryBackend
@@ -30,10 +30,10 @@ LIMIT = 30  # seconds any one test may take
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_app(state_url: str, history: int = 10) -> Concierge:
-    if not backend_from_url(state_url).supports_history:
-        pytest.skip(f"{state_url.partition(':')[0]} stores do not record history")
-    app = Concierge("history", state_url=state_url, session_ttl=None, history=history)
+def make_app(state_url: str, keep: int = 10) -> Concierge:
+    if not backend_from_url(state_url).supports_checkpoints:
+        pytest.skip(f"{state_url.partition(':')[0]} stores do not record checkpoints")
+    app = Concierge("history", state_url=state_url, session_ttl=None, keep_checkpoints=keep)
     app.stages = {"browse": ["add", "note", "forget", "view", "fail", "slow_add", "visit"], "cart": ["add", "view"]}
 
     @app.tool()
@@ -88,8 +88,7 @@ class Session:
         self.handle: str | None = None
 
     async def call(self, tool: str, **arguments: object):
-        if self.handle is not None:
-            arguments["session_id"] = self.handle
+        arguments["session_id"] = self.handle if self.handle is not None else "new"
         result = await self.client.call_tool(tool, arguments)
         if self.handle is None:
             self.handle = handle_of(result)
@@ -119,7 +118,7 @@ async def test_each_committing_call_records_one_checkpoint_with_its_tool_and_cha
             await s.ok("note", text=None)  # a stored JSON null, not a deletion
             await s.ok("forget")
             await s.ok("add", item="pear")
-            kept = await app.history(s.id)
+            kept = await app.checkpoints(s.id)
     assert _summary(kept) == [(1, "add"), (2, "note"), (3, "note"), (4, "forget"), (5, "add")]
     assert [c.changes for c in kept] == [
         {"cart": ["apple"]},
@@ -130,7 +129,7 @@ async def test_each_committing_call_records_one_checkpoint_with_its_tool_and_cha
     ]
     assert all(not c.stage_changed for c in kept)
     assert [c.at for c in kept] == sorted(c.at for c in kept)
-    assert await app.history(s.handle) == kept  # a bare handle names its session too
+    assert await app.checkpoints(s.handle) == kept  # a bare handle names its session too
 
 
 async def test_failed_refused_and_read_only_calls_record_nothing(state_url: str) -> None:
@@ -144,7 +143,7 @@ async def test_failed_refused_and_read_only_calls_record_nothing(state_url: str)
             await s.ok("proceed_to_next_stage", target_stage="cart")
             assert (await s.call("note", text="refused")).is_error  # not in stage "cart"
             await s.ok("view")
-            kept = await app.history(s.id)
+            kept = await app.checkpoints(s.id)
     assert _summary(kept) == [(1, "add"), (2, "proceed_to_next_stage")]
     assert (kept[1].changes, kept[1].stage_changed, kept[1].stage) == ({}, True, "cart")
 
@@ -158,9 +157,9 @@ async def test_a_call_writing_shared_scopes_records_a_checkpoint_in_each_bucket(
             await s.ok("visit")
             (bucket,) = await app.state_backend.list_sessions(now=time.time(), prefix="user:")
             user_id = bucket.session_id
-            assert _summary(await app.history(user_id)) == [(1, "visit"), (2, "visit")]
-            assert [c.changes for c in await app.history(user_id)] == [{"visits": 1}, {"visits": 2}]
-            session = await app.history(s.id)
+            assert _summary(await app.checkpoints(user_id)) == [(1, "visit"), (2, "visit")]
+            assert [c.changes for c in await app.checkpoints(user_id)] == [{"visits": 1}, {"visits": 2}]
+            session = await app.checkpoints(s.id)
             assert [(c.version, c.changes) for c in session] == [(1, {"seen": True}), (2, {})]  # same value again
             done = await app.revert(user_id, 1)
             assert (done.state, done.version) == ({"visits": 1}, 3)
@@ -182,7 +181,7 @@ async def test_revert_restores_state_and_stage_and_is_recorded(state_url: str) -
             assert (done.state, done.stage) == ({"cart": ["apple"], "note": "gift"}, None)
             assert await s.ok("view") == {"cart": ["apple"], "note": "gift"}
             assert (await s.ok("note", text="allowed again"))["note"] == "allowed again"  # back in "browse"
-            kept = await app.history(s.id)
+            kept = await app.checkpoints(s.id)
             assert _summary(kept)[-2:] == [(5, "revert"), (6, "note")]
             assert (kept[-2].changes, kept[-2].stage_changed, kept[-2].stage) == ({"cart": ["apple"]}, True, None)
             to_start = await app.revert(s.handle, 0)  # before the first call: an empty session
@@ -199,7 +198,7 @@ async def test_terminate_session_is_recorded_key_by_key_and_can_be_undone(state_
             await s.ok("note", text="gift")  # 2
             await s.ok("proceed_to_next_stage", target_stage="cart")  # 3
             await s.ok("terminate_session")  # 4
-            cleared = (await app.history(s.id))[-1]
+            cleared = (await app.checkpoints(s.id))[-1]
             assert (cleared.version, cleared.tool) == (4, "terminate_session")
             assert (cleared.changes, cleared.stage_changed, cleared.stage) == (
                 {"cart": DELETED, "note": DELETED},
@@ -227,24 +226,24 @@ async def test_a_revert_can_itself_be_reverted(state_url: str) -> None:
             assert (await s.call("note", text="x")).is_error  # in "cart" again
             same = await app.revert(s.id, 5)  # to the current version: changes nothing, still recorded
             assert (same.version, same.state) == (6, {"cart": ["apple", "pear"]})
-            assert _summary(await app.history(s.id))[-3:] == [(4, "revert"), (5, "revert"), (6, "revert")]
+            assert _summary(await app.checkpoints(s.id))[-3:] == [(4, "revert"), (5, "revert"), (6, "revert")]
 
 
 async def test_history_keeps_the_last_n_and_revert_names_the_oldest_restorable_version(state_url: str) -> None:
-    app = make_app(state_url, history=3)
+    app = make_app(state_url, keep=3)
     with anyio.fail_after(LIMIT):
         async with Client(app) as client:
             s = Session(client)
             for i in range(6):
                 await s.ok("add", item=f"i{i}")
-            assert [c.version for c in await app.history(s.id)] == [4, 5, 6]
+            assert [c.version for c in await app.checkpoints(s.id)] == [4, 5, 6]
             with pytest.raises(HistoryError, match="oldest version it can be reverted to is 3"):
                 await app.revert(s.id, 2)
             with pytest.raises(HistoryError, match="is at version 6; cannot revert to version 7"):
                 await app.revert(s.id, 7)
             done = await app.revert(s.id, 3)
             assert done.state == {"cart": ["i0", "i1", "i2"]}
-            assert [c.version for c in await app.history(s.id)] == [5, 6, 7]
+            assert [c.version for c in await app.checkpoints(s.id)] == [5, 6, 7]
 
 
 async def test_revert_waits_for_a_call_running_on_the_session(state_url: str) -> None:
@@ -264,33 +263,52 @@ async def test_revert_waits_for_a_call_running_on_the_session(state_url: str) ->
                 done = await app.revert(s.id, 1)
             assert not results[0].is_error  # it committed first (version 2); the revert came after it
             assert (done.version, done.state) == (3, {"cart": ["apple"]})
-            assert _summary(await app.history(s.id)) == [(1, "add"), (2, "slow_add"), (3, "revert")]
+            assert _summary(await app.checkpoints(s.id)) == [(1, "add"), (2, "slow_add"), (3, "revert")]
 
 
 async def test_unknown_sessions_and_history_off_are_clear_errors(state_url: str) -> None:
     app = make_app(state_url)
     with pytest.raises(UnknownSessionError, match="also tried 'h:nope'"):
-        await app.history("nope")
+        await app.checkpoints("nope")
     with pytest.raises(UnknownSessionError):
         await app.revert("h:nope", 0)
     off = Concierge("off", state_url=state_url, session_ttl=None)
-    with pytest.raises(HistoryError, match=r"history=N"):
-        await off.history("h:whatever")
-    with pytest.raises(HistoryError, match=r"history=N"):
+    with pytest.raises(HistoryError, match=r"keep_checkpoints=N"):
+        await off.checkpoints("h:whatever")
+    with pytest.raises(HistoryError, match=r"keep_checkpoints=N"):
         await off.revert("h:whatever", 1)
 
 
 async def test_history_needs_a_store_that_records_it() -> None:
     class Minimal(MemoryBackend):
-        supports_history = False
-        history = StateBackend.history
+        supports_checkpoints = False
+        checkpoints = StateBackend.checkpoints
 
     with pytest.raises(ConfigurationError, match="Minimal does not"):
-        Concierge("x", state=Minimal(), history=3)
-    Concierge("x", state=Minimal())  # history off: any store will do
+        Concierge("x", state=Minimal(), keep_checkpoints=3)
+    Concierge("x", state=Minimal())  # checkpoints off: any store will do
     for bad in (-1, 1.5, True):
-        with pytest.raises(ConfigurationError, match="history must be"):
-            Concierge("x", state=MemoryBackend(), history=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="keep_checkpoints must be"):
+            Concierge("x", state=MemoryBackend(), keep_checkpoints=bad)  # type: ignore[arg-type]
+
+
+async def test_the_old_names_history_option_and_method_still_work_with_a_deprecation_warning() -> None:
+    with pytest.warns(DeprecationWarning, match="keep_checkpoints"):
+        app = Concierge("old", history=2)
+
+    @app.tool()
+    def add(item: str) -> list[str]:
+        cart = app.get_state("cart", []) + [item]
+        app.set_state("cart", cart)
+        return cart
+
+    async with Client(app) as client:
+        handle = handle_of(await client.call_tool("add", {"item": "a", **NEW}))
+        with pytest.warns(DeprecationWarning, match="checkpoints"):
+            kept = await app.history(handle)
+    assert [c.changes for c in kept] == [{"cart": ["a"]}]
+    with pytest.raises(ConfigurationError, match="not also its old name"):
+        Concierge("both", history=2, keep_checkpoints=2)
 
 
 # -- the command line (a SQLite store, real subprocesses) ----------------------------------------------
@@ -318,7 +336,7 @@ def _error(done: subprocess.CompletedProcess[str]) -> str:
 
 async def test_cli_history_and_revert(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'state.db'}"
-    app = make_app(url, history=5)
+    app = make_app(url, keep=5)
     with anyio.fail_after(LIMIT):
         async with Client(app) as client:
             s = Session(client)
@@ -352,7 +370,7 @@ async def test_cli_history_and_revert(tmp_path: Path) -> None:
     assert json.loads(reverted.stdout.split("state:\n", 1)[1]) == {"cart": ["apple"]}
 
     # The server sees the reverted session, and the revert is in its history: every checkpoint kept, plus its own.
-    kept = await app.history(s.id)
+    kept = await app.checkpoints(s.id)
     assert _summary(kept) == [(1, "add"), (2, "note"), (3, "proceed_to_next_stage"), (4, "add"), (5, "revert")]
     assert (kept[-1].changes, kept[-1].stage_changed) == ({"cart": ["apple"], "note": DELETED}, True)
     async with Client(app) as client:
@@ -360,7 +378,7 @@ async def test_cli_history_and_revert(tmp_path: Path) -> None:
         again.handle = s.handle
         assert await again.ok("view") == {"cart": ["apple"], "note": "<absent>"}
         await again.ok("note", text="back in browse")  # 6: the server prunes back to its 5
-    assert [c.version for c in await app.history(s.id)] == [2, 3, 4, 5, 6]
+    assert [c.version for c in await app.checkpoints(s.id)] == [2, 3, 4, 5, 6]
 
     undo = await anyio.to_thread.run_sync(lambda: _cli(url, "--json", "revert", s.id, "4", "--keep", "2", cwd=tmp_path))
     assert json.loads(undo.stdout) == {
@@ -370,7 +388,7 @@ async def test_cli_history_and_revert(tmp_path: Path) -> None:
         "stage": "cart",
         "state": {"cart": ["apple", "pear"], "note": "gift"},
     }
-    assert [c.version for c in await app.history(s.id)] == [6, 7]
+    assert [c.version for c in await app.checkpoints(s.id)] == [6, 7]
 
     too_old = await anyio.to_thread.run_sync(lambda: _cli(url, "revert", s.id, "1", cwd=tmp_path))
     assert "oldest version it can be reverted to is 5" in _error(too_old)

@@ -30,7 +30,7 @@ import anyio.lowlevel
 import helpers
 import httpx2
 import pytest
-from helpers import HANDLE_KEY, ServerProcess, handle_of, has_handle, payload, text
+from helpers import HANDLE_KEY, NEW, ServerProcess, handle_of, has_handle, payload, status_of, stored_sessions, text
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from mcp import Client
@@ -42,10 +42,10 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
 
 from concierge import Concierge
+from concierge.cli.sessions import main as sessions_cli
 from concierge.errors import ConfigurationError, StateKeyError, StateTypeError, StateValueError
-from concierge.inspector import main as sessions_cli
 from concierge.state import MemoryBackend, backend_from_url
-from concierge.work import MAX_KEY_LENGTH, current_unit
+from concierge.work import MAX_KEY_LENGTH, working_copy
 
 pytestmark = pytest.mark.anyio
 
@@ -139,7 +139,7 @@ def hostile_app(state_url: str, **kwargs: Any) -> Concierge:
     @app.tool()
     def whoami() -> dict:
         """The storage id of this session."""
-        return {"sid": current_unit("whoami").session_id}
+        return {"sid": working_copy("whoami").session_id}
 
     @app.tool()
     def put(key: str, value: list[Any], raw: list[Any] | None = None) -> dict:
@@ -165,8 +165,8 @@ def hostile_app(state_url: str, **kwargs: Any) -> Concierge:
 
     @app.tool()
     def dump() -> dict:
-        unit = current_unit("dump")
-        names = list(unit.keys())  # a UnitOfWork is not a dict: keys() is its listing
+        unit = working_copy("dump")
+        names = list(unit.keys())  # a WorkingCopy is not a dict: keys() is its listing
         return {"items": [[key, unit.get(key)] for key in names]}
 
     @app.tool()
@@ -264,9 +264,12 @@ class Session:
     async def ok(self, tool: str, **args: Any) -> Any:
         return payload(await self.call(tool, **args))
 
-    async def refused(self, tool: str, **args: Any) -> str:
+    async def refused(self, tool: str, *, status: str | None = None, **args: Any) -> str:
+        """The message of a refused call; with `status`, the `_meta["concierge/session"]` it must carry."""
         result = await self.call(tool, **args)
         assert result.is_error, f"{tool}({args!r}) was accepted: {text(result)}"
+        if status is not None:
+            assert status_of(result) == status, (status_of(result), text(result))
         return text(result)
 
     async def items(self) -> dict[str, Any]:
@@ -456,7 +459,7 @@ async def test_an_invalid_key_raises_state_key_error_inside_the_tool_and_a_caugh
     app = hostile_app("memory://")
     with anyio.fail_after(LIMIT):
         async with Client(app) as client:
-            result = await client.call_tool("catch", K(bad))
+            result = await client.call_tool("catch", {**K(bad), **NEW})
             caught = payload(result)
             assert caught["raised"] == "StateKeyError"
             assert {"StateKeyError", "ValueError", "ToolError"} <= set(caught["mro"])
@@ -468,11 +471,10 @@ async def test_a_refused_first_call_creates_no_session_and_hands_out_no_handle(s
     app = hostile_app(state_url)
     with anyio.fail_after(LIMIT):
         async with Client(app) as client:
-            result = await client.call_tool("put_then", {"first": "first", "then": ""})
+            result = await client.call_tool("put_then", {"first": "first", "then": "", **NEW})
             assert result.is_error and "must not be empty" in text(result)
             assert not has_handle(result), "a first call that failed created nothing, so no handle"
-            listed = await app.state_backend.list_sessions(now=time.time(), include_expired=True)
-            assert listed == []
+            assert await stored_sessions(app) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -575,7 +577,7 @@ async def test_nan_and_infinity_are_refused_because_they_are_not_json(kind: str)
     app = hostile_app("memory://")
     with anyio.fail_after(LIMIT):
         async with Client(app) as client:
-            result = await client.call_tool("put_odd", {"key": "price", "kind": kind})
+            result = await client.call_tool("put_odd", {"key": "price", "kind": kind, **NEW})
             assert result.is_error
             assert "state key 'price'" in text(result) and "not valid JSON" in text(result)
 
@@ -654,11 +656,18 @@ async def test_forged_truncated_altered_and_hostile_handles_are_refused_and_reve
             sid = await real.storage_id()
             before = await stored(app, sid)
             for bad in _bad_handles(real.token):
+                shaped = isinstance(bad, str) and HANDLE_SHAPE.fullmatch(bad) is not None
                 for tool, args in (("get", {"key": "secret"}), ("put", {"key": "secret", "value": ["pwned"]})):
                     result = await client.call_tool(tool, {**args, "session_id": bad})
                     message = text(result)
                     assert result.is_error, f"handle {bad!r} was accepted: {message}"
-                    assert "unknown or expired" in message and "start_session" in message, (bad, message)
+                    if shaped:  # a handle's shape, naming no session of this caller
+                        assert message.startswith("unknown session_id ") and "start_session" in message, message
+                        assert status_of(result) == "unknown", (bad, result.meta)
+                    else:
+                        assert "is not a session handle" in message, (bad, message)
+                        assert status_of(result) == "malformed", (bad, result.meta)
+                    assert 'session_id="new"' in message or '"new" to start a new session' in message, message
                     assert secret not in message
                     assert not has_handle(result), f"handle {bad!r} was answered with a handle"
                     assert "\u202e" not in message and "\x00" not in message, "the error echoes control characters"
@@ -685,19 +694,41 @@ async def test_resources_and_prompts_refuse_hostile_handles_in_meta(state_url: s
             real = await open_session(client, "2026-07-28")
             await real.ok("put", key="secret", value="hidden")
             for bad in _bad_handles(real.token)[:12] + ["x" * 10_000, "\x00", 42]:
+                shaped = isinstance(bad, str) and HANDLE_SHAPE.fullmatch(bad) is not None
+                refusal = "unknown session_id " if shaped else "is not a session handle"
                 with pytest.raises(MCPError) as caught:
                     await client.read_resource("secret://value", meta={HANDLE_KEY: bad}, cache_mode="bypass")
-                assert "unknown or expired" in str(caught.value) and "hidden" not in str(caught.value)
+                assert refusal in str(caught.value) and "hidden" not in str(caught.value), str(caught.value)
                 with pytest.raises(MCPError) as caught:
                     await client.get_prompt("secret_prompt", meta={HANDLE_KEY: bad})
-                assert "unknown or expired" in str(caught.value) and "hidden" not in str(caught.value)
+                assert refusal in str(caught.value) and "hidden" not in str(caught.value), str(caught.value)
             read = await client.read_resource("secret://value", meta={HANDLE_KEY: real.handle}, cache_mode="bypass")
             assert json.loads(read.contents[0].text) == "hidden"
 
 
-async def test_an_empty_or_null_session_id_starts_a_new_session_and_never_reaches_another() -> None:
-    # The schema says "Omit it to start a new session"; "" and null count as omitted.
+async def test_an_empty_or_null_session_id_is_refused_as_missing_and_never_reaches_another() -> None:
+    # "" and null count as omitted: the argument is required, so the call is refused and starts nothing.
     app = hostile_app("memory://")
+    with anyio.fail_after(LIMIT):
+        async with Client(app) as client:
+            real = await open_session(client, "2026-07-28")
+            await real.ok("put", key="secret", value="hidden")
+            for empty in ("", None):
+                for tool, args in (("get", {"key": "secret"}), ("put", {"key": "secret", "value": ["pwned"]})):
+                    result = await client.call_tool(tool, {**args, "session_id": empty})
+                    assert result.is_error, text(result)
+                    assert status_of(result) == "missing"
+                    assert "needs the argument session_id" in text(result) and "hidden" not in text(result)
+                    assert not has_handle(result)
+            assert await stored_sessions(app) == [await real.storage_id()]
+            assert await real.ok("get", key="secret") == {"found": True, "value": "hidden"}
+
+
+async def test_with_optional_handles_an_empty_or_null_session_id_starts_a_new_session_and_never_reaches_another() -> (
+    None
+):
+    # With handles="optional" the schema says "Omit it to start a new session"; "" and null count as omitted.
+    app = hostile_app("memory://", handles="optional")
     with anyio.fail_after(LIMIT):
         async with Client(app) as client:
             real = await open_session(client, "2026-07-28")
@@ -706,6 +737,7 @@ async def test_an_empty_or_null_session_id_starts_a_new_session_and_never_reache
                 result = await client.call_tool("get", {"key": "secret", "session_id": empty})
                 assert payload(result) == {"found": False, "value": None}
                 assert handle_of(result) != real.handle
+                assert status_of(result) == "issued"
 
 
 async def test_an_expired_handle_is_refused_as_expired_and_never_revived(state_url: str) -> None:
@@ -718,16 +750,18 @@ async def test_an_expired_handle_is_refused_as_expired_and_never_revived(state_u
             now[0] += 601
             for _ in range(2):  # the first refusal must not bring it back for the second
                 for tool, args in (("get", {"key": "secret"}), ("put", {"key": "secret", "value": "new"})):
-                    message = await old.refused(tool, **args)
-                    assert "expired" in message and "start_session" in message and "old data" not in message
+                    message = await old.refused(tool, status="expired", **args)
+                    assert message.startswith(f"session_id {old.token!r} has expired: ")
+                    assert "10m" in message and "start_session" in message and "old data" not in message
             # nor does an altered copy of it reach anything, and it is not told apart from any unknown handle
-            message = await Session(client, _altered(old.token, 5)).refused("get", key="secret")
-            assert "unknown or expired" in message and "old data" not in message
+            message = await Session(client, _altered(old.token, 5)).refused("get", status="unknown", key="secret")
+            assert message.startswith("unknown session_id ") and "old data" not in message
             fresh = await open_session(client, "2026-07-28")
             assert await fresh.ok("get", key="secret") == {"found": False, "value": None}
             assert await app.sweep_expired() == 1
-            message = await old.refused("get", key="secret")
-            assert "unknown or expired" in message and "old data" not in message
+            # swept, it is still refused as expired (the handle's signed issue time says so), never revived
+            message = await old.refused("get", status="expired", key="secret")
+            assert message.startswith(f"session_id {old.token!r} has expired: ") and "old data" not in message
 
 
 # -- another principal's handle ----------------------------------------------------------------------
@@ -767,18 +801,19 @@ async def test_another_principals_handle_is_unknown_in_process_even_once_expired
             for intruder in ("mallory", None):  # another principal, and an unauthenticated caller
                 with as_principal(intruder):
                     for tool, args in (("get", {"key": "secret"}), ("put", {"key": "secret", "value": "x"})):
-                        message = await alice.refused(tool, **args)
-                        assert "unknown or expired" in message and "alice's" not in message
+                        message = await alice.refused(tool, status="unknown", **args)
+                        assert message.startswith(f"unknown session_id {alice.token!r}: no such session exists for you")
+                        assert "alice's" not in message
                     mine = await open_session(client, "2026-07-28")
                     assert await mine.ok("get", key="secret") == {"found": False, "value": None}
             with as_principal("alice"):
                 assert await alice.ok("get", key="secret") == {"found": True, "value": "alice's"}
             now[0] += 601
             with as_principal("mallory"):  # an expired session of someone else is not even said to have expired
-                message = await alice.refused("get", key="secret")
-                assert "unknown or expired session_id" in message and "has expired" not in message
+                message = await alice.refused("get", status="unknown", key="secret")
+                assert message.startswith("unknown session_id ") and "has expired" not in message
             with as_principal("alice"):
-                assert "has expired" in await alice.refused("get", key="secret")
+                assert "has expired" in await alice.refused("get", status="expired", key="secret")
 
 
 @pytest.fixture(scope="module")
@@ -795,10 +830,15 @@ async def test_another_principals_handle_is_unknown_over_http(auth_server: Serve
 
     with anyio.fail_after(LIMIT):
         async with as_user("erin") as erin, as_user("mallory") as mallory:
-            handle = handle_of(await erin.call_tool("note", {"text": "erin's secret"}))
+            handle = handle_of(await erin.call_tool("note", {"text": "erin's secret", **NEW}))
             for bad in (handle, _altered(handle, 0), handle[:-1], "h:" + handle, secrets.token_urlsafe(32)):
                 stolen = await mallory.call_tool("note", {"text": "mallory was here", "session_id": bad})
-                assert stolen.is_error and "unknown or expired" in text(stolen), text(stolen)
+                if bad.startswith("h:"):  # the storage prefix is no part of a handle
+                    assert stolen.is_error and "is not a session handle" in text(stolen), text(stolen)
+                    assert status_of(stolen) == "malformed"
+                else:
+                    assert stolen.is_error and text(stolen).startswith(f"unknown session_id {bad!r}"), text(stolen)
+                    assert status_of(stolen) == "unknown"
                 assert "erin's secret" not in text(stolen)
             kept = payload(await erin.call_tool("note", {"text": "still mine", "session_id": handle}))
             assert kept["notes"] == ["erin's secret", "still mine"]

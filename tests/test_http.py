@@ -3,7 +3,7 @@
 - streamable HTTP, stateful, legacy client: the `mcp-session-id` is the session;
 - streamable HTTP, 2026-07-28 client: handles;
 - streamable HTTP, `stateless_http=True`, legacy client: handles;
-- SSE, legacy client: one session per SSE connection;
+- SSE, legacy and 2026-07-28 clients: one session per SSE connection;
 - on SQLite and Postgres: a handle survives `kill -9` and a restart, 100 concurrent
   calls in one session lose nothing, and two server processes sharing one store
   never silently drop a write to the same session.
@@ -17,7 +17,18 @@ from dataclasses import dataclass
 
 import anyio
 import pytest
-from helpers import HANDLE_KEY, ServerProcess, handle_of, has_handle, payload, start_all, text
+from helpers import (
+    HANDLE_KEY,
+    NEW,
+    ServerProcess,
+    handle_of,
+    has_handle,
+    notice,
+    payload,
+    start_all,
+    status_of,
+    text,
+)
 from mcp import Client
 from mcp.client.sse import sse_client
 
@@ -84,15 +95,20 @@ async def test_http_modern_handles_keep_state_across_connections_and_stay_isolat
         async with Client(url) as one, Client(url) as two:
             assert one.protocol_version == MODERN
             assert "start_session" in {t.name for t in (await one.list_tools()).tools}
-            first = await one.call_tool("add_to_cart", {"item": "apple"})
+            first = await one.call_tool("add_to_cart", {"item": "apple", **NEW})
             h1 = handle_of(first)
-            assert h1 in text(first)
-            h2 = handle_of(await two.call_tool("add_to_cart", {"item": "bread"}))
+            assert notice(first) == f"session_id: {h1} — pass it as session_id in later calls"
+            assert status_of(first) == "issued"
+            h2 = handle_of(await two.call_tool("add_to_cart", {"item": "bread", **NEW}))
             assert h1 != h2
-            await one.call_tool("add_to_cart", {"item": "milk", "session_id": h1})
+            again = await one.call_tool("add_to_cart", {"item": "milk", "session_id": h1})
+            assert status_of(again) == "active" and handle_of(again) == h1
             assert await cart_of(one, session_id=h1) == ["apple", "milk"]
             assert await cart_of(two, session_id=h2) == ["bread"]
-            assert await cart_of(two) == [], "a call without a handle starts a new session"
+            assert await cart_of(two, **NEW) == [], '"new" starts a new, empty session'
+            missing = await two.call_tool("view_cart", {})
+            assert missing.is_error and status_of(missing) == "missing", "a call without a handle is refused"
+            assert "needs the argument session_id" in text(missing) and not has_handle(missing)
         async with Client(url) as later:
             assert await cart_of(later, session_id=h1) == ["apple", "milk"]
 
@@ -104,8 +120,9 @@ async def test_http_modern_forged_handle_is_refused_and_never_adopted(servers: M
             for _ in range(2):
                 result = await client.call_tool("add_to_cart", {"item": "x", "session_id": forged})
                 assert result.is_error
-                assert "unknown or expired" in text(result).lower()
+                assert text(result).startswith(f"unknown session_id {forged!r}: no such session exists for you")
                 assert "start_session" in text(result)
+                assert status_of(result) == "unknown"
                 assert (result.meta or {}).get(HANDLE_KEY) != forged
 
 
@@ -118,18 +135,22 @@ async def test_stateless_http_legacy_uses_handles_and_clients_never_share_state(
             tools = {t.name: t for t in (await one.list_tools()).tools}
             assert "start_session" in tools
             assert "session_id" in tools["add_to_cart"].input_schema["properties"]
-            h1 = handle_of(await one.call_tool("add_to_cart", {"item": "one-a"}))
-            h2 = handle_of(await two.call_tool("add_to_cart", {"item": "two-a"}))
+            assert "session_id" in tools["add_to_cart"].input_schema["required"]
+            h1 = handle_of(await one.call_tool("add_to_cart", {"item": "one-a", **NEW}))
+            h2 = handle_of(await two.call_tool("add_to_cart", {"item": "two-a", **NEW}))
             assert h1 != h2
             await one.call_tool("add_to_cart", {"item": "one-b", "session_id": h1})
             await two.call_tool("add_to_cart", {"item": "two-b", "session_id": h2})
             assert await cart_of(one, session_id=h1) == ["one-a", "one-b"]
             assert await cart_of(two, session_id=h2) == ["two-a", "two-b"]
-            # without the handle there is no session to fall back to: each call is a new one
-            assert await cart_of(one) == []
-            assert await cart_of(two) == []
+            # without the handle there is no session to fall back to: the call is refused, "new" is a new one
+            for client in (one, two):
+                missing = await client.call_tool("view_cart", {})
+                assert missing.is_error and status_of(missing) == "missing", text(missing)
+                assert await cart_of(client, **NEW) == []
             refused = await one.call_tool("view_cart", {"session_id": secrets.token_urlsafe(32)})
-            assert refused.is_error and "unknown or expired" in text(refused).lower()
+            assert refused.is_error and text(refused).startswith("unknown session_id ")
+            assert status_of(refused) == "unknown"
 
 
 # -- SSE, legacy client: one session per SSE connection --------------------------------------------
@@ -151,6 +172,29 @@ async def test_sse_legacy_session_per_connection(servers: MemoryServers) -> None
             assert await cart_of(three) == []
 
 
+# -- SSE, 2026-07-28 client: still one session per SSE connection ------------------------------------
+async def test_sse_modern_client_keeps_state_on_its_connection_and_connections_are_isolated(
+    servers: MemoryServers,
+) -> None:
+    url = servers.sse.url
+    with anyio.fail_after(LIMIT):
+        async with Client(sse_client(url)) as one, Client(sse_client(url)) as two:
+            assert one.protocol_version == MODERN
+            tools = {t.name: t for t in (await one.list_tools()).tools}
+            assert "start_session" not in tools and "end_session" not in tools
+            assert "session_id" not in tools["add_to_cart"].input_schema.get("properties", {})
+            first = await one.call_tool("add_to_cart", {"item": "one-a"})
+            assert not first.is_error, text(first)
+            assert not has_handle(first) and notice(first) is None and status_of(first) is None
+            await two.call_tool("add_to_cart", {"item": "two-a"})
+            await one.call_tool("add_slowly", {"item": "one-b"})
+            await one.call_tool("add_blocking", {"item": "one-c"})
+            assert await cart_of(one) == ["one-a", "one-b", "one-c"]
+            assert await cart_of(two) == ["two-a"]
+        async with Client(sse_client(url)) as three:
+            assert await cart_of(three) == []
+
+
 # -- durable backends ------------------------------------------------------------------------
 async def test_http_handle_survives_kill_9_and_restart(durable_state_url: str) -> None:
     server = ServerProcess.cart("streamable-http", state_url=durable_state_url)
@@ -159,7 +203,7 @@ async def test_http_handle_survives_kill_9_and_restart(durable_state_url: str) -
     try:
         with anyio.fail_after(LIMIT):
             async with Client(server.url) as client:
-                handle = handle_of(await client.call_tool("add_to_cart", {"item": "apple"}))
+                handle = handle_of(await client.call_tool("add_to_cart", {"item": "apple", **NEW}))
                 result = payload(await client.call_tool("add_slowly", {"item": "pear", "session_id": handle}))
                 assert result["cart"] == ["apple", "pear"]
                 first_pid = result["pid"]
@@ -216,7 +260,7 @@ async def test_two_server_processes_sharing_a_store_never_drop_a_write_to_one_se
         start_all(b)
         with anyio.fail_after(LIMIT):
             async with Client(a.url) as via_a, Client(b.url) as via_b:
-                handle = handle_of(await via_a.call_tool("add_to_cart", {"item": "seed"}))
+                handle = handle_of(await via_a.call_tool("add_to_cart", {"item": "seed", **NEW}))
                 assert await cart_of(via_b, session_id=handle) == ["seed"], "the other process must see the session"
                 ok: list[str] = []
                 failed: list[str] = []

@@ -109,6 +109,6 @@ def test_enable_roaming_fails_loudly_when_the_manager_changed() -> None:
 
 
 def test_roaming_is_on_by_default_only_with_a_persistent_store(tmp_path: Any) -> None:
-    assert Concierge("m", state_url="memory://")._roaming is None
-    assert Concierge("s", state_url=f"sqlite:///{tmp_path}/s.db")._roaming is not None
-    assert Concierge("off", state_url=f"sqlite:///{tmp_path}/s.db", roaming=False)._roaming is None
+    assert Concierge("m", state_url="memory://")._rt.roaming is None
+    assert Concierge("s", state_url=f"sqlite:///{tmp_path}/s.db")._rt.roaming is not None
+    assert Concierge("off", state_url=f"sqlite:///{tmp_path}/s.db", roaming=False)._rt.roaming is None

@@ -7,7 +7,8 @@ executions, so a refused call can be shown never to have run.
 
 Legacy connections (`Client(app, mode="legacy")`) carry their own session; the
 2026-07-28 wire (the default `Client(app)`) has none, so the tests pass the
-session handle back from `_meta["concierge/session_id"]`.
+session handle back from `_meta["concierge/session_id"]` (the first call passes
+`session_id: "new"`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from concierge import Concierge, ConfigurationError
 pytestmark = pytest.mark.anyio
 
 HANDLE_KEY = "concierge/session_id"
+STATUS_KEY = "concierge/session"
 MODES = ["legacy", "modern"]
 BUILTINS = {"proceed_to_next_stage", "terminate_session"}
 UNSTAGED = {"view_cart", "note"}
@@ -144,15 +146,19 @@ class Session:
         self.handle: str | None = None
 
     async def call(self, name: str, **arguments: Any) -> CallToolResult:
-        if self.modern and self.handle is not None:
-            arguments["session_id"] = self.handle
+        if self.modern:
+            arguments["session_id"] = self.handle if self.handle is not None else "new"
         result = await self.client.call_tool(name, arguments)
         if self.modern:
             handle = (result.meta or {}).get(HANDLE_KEY)
+            status = (result.meta or {}).get(STATUS_KEY)
             if self.handle is None:
                 self.handle = handle
+                if handle is not None:
+                    assert status == "issued", status
             elif handle is not None:
                 assert handle == self.handle, "the server switched this client to another session"
+                assert status == "active", status
         return result
 
     async def ok(self, name: str, **arguments: Any) -> Any:
@@ -189,9 +195,13 @@ def text(result: CallToolResult) -> str:
 
 
 def payload(result: CallToolResult) -> Any:
+    """The tool's return value; on the 2026-07-28 wire the first block is the session-handle notice."""
     if result.structured_content is not None:
         return result.structured_content
-    return json.loads(result.content[0].text)  # type: ignore[union-attr]
+    blocks = [block for block in result.content if getattr(block, "type", None) == "text"]
+    if blocks and blocks[0].text.startswith("session_id: "):  # type: ignore[union-attr]
+        blocks = blocks[1:]
+    return json.loads(blocks[0].text)  # type: ignore[union-attr]
 
 
 class Notifications:
@@ -287,7 +297,10 @@ async def test_modern_lists_every_tool_whatever_the_stage() -> None:
 
         before = await listing(s)
         names = {tool["name"] for tool in before}
-        assert names == BROWSE | CART | CHECKOUT | UNSTAGED | BUILTINS | {"start_session"}
+        assert names == BROWSE | CART | CHECKOUT | UNSTAGED | BUILTINS | {"start_session", "end_session"}
+        for tool in before:  # every tool here is staged, a built-in of a session, or uses state
+            if tool["name"] != "start_session":
+                assert "session_id" in tool["input_schema"]["required"], tool["name"]
 
         await s.ok("proceed_to_next_stage", target_stage="cart")
         await s.ok("proceed_to_next_stage", target_stage="checkout")

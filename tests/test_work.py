@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from concierge.errors import StateKeyError, StateTypeError, StateValueError
-from concierge.work import MAX_KEY_LENGTH, UnitOfWork, encode
+from concierge.work import MAX_KEY_LENGTH, WorkingCopy, encode
 
 
 class Flight(BaseModel):
@@ -49,13 +49,13 @@ def test_value_over_the_size_limit_is_a_value_error() -> None:
 
 @pytest.mark.parametrize("key", ["", 3, None, "k" * (MAX_KEY_LENGTH + 1)])
 def test_bad_keys_are_refused(key: object) -> None:
-    unit = UnitOfWork(session_id="s")
+    unit = WorkingCopy("s")
     with pytest.raises(StateKeyError):
         unit.set(key, 1)  # type: ignore[arg-type]
 
 
 def test_get_returns_a_fresh_copy_each_time() -> None:
-    unit = UnitOfWork(session_id="s", base={"cart": '["a"]'})
+    unit = WorkingCopy("s", base={"cart": '["a"]'})
     first = unit.get("cart")
     first.append("b")
     assert unit.get("cart") == ["a"]
@@ -63,7 +63,7 @@ def test_get_returns_a_fresh_copy_each_time() -> None:
 
 
 def test_delete_then_get_gives_default_and_clear_hides_base() -> None:
-    unit = UnitOfWork(session_id="s", base={"a": "1", "b": "2"})
+    unit = WorkingCopy("s", base={"a": "1", "b": "2"})
     unit.delete("a")
     assert unit.get("a", "gone") == "gone"
     assert list(unit.keys()) == ["b"]
@@ -74,7 +74,7 @@ def test_delete_then_get_gives_default_and_clear_hides_base() -> None:
 
 
 def test_deleting_an_absent_key_writes_nothing() -> None:
-    unit = UnitOfWork(session_id="s")
+    unit = WorkingCopy("s")
     unit.delete("nothing")
     assert not unit.dirty
 

@@ -1,0 +1,329 @@
+"""`SessionStore`: working copies in and out of a backend, serialised per record in this process.
+
+It loads a record into a `WorkingCopy`, commits the dirty copies of one unit
+of work in one atomic backend call, renews the expiry of a session a call only
+read, and keeps two things per process: a bounded cache of the last committed
+values of each record (so a call on a record this process wrote last reads no
+values again), and a lock per record (so calls in one process never conflict
+with each other).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+
+from concierge import ids
+from concierge.errors import ConfigurationError, ConflictError, StateValueError
+from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
+from concierge.work.record import WorkingCopy
+from concierge.work.telemetry import INSTRUMENTS
+
+__all__ = ["SessionStore"]
+
+
+class _Snapshots:
+    """A bounded LRU of the last committed values per record, tagged with their version and life.
+
+    With it, a call on a record this process served last only checks the
+    stored version instead of reading every key again, so a call costs the same
+    whether the record holds one key or a thousand.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[int, float, dict[str, str]]] = OrderedDict()
+
+    def get(self, record_id: str) -> tuple[int, float, dict[str, str]] | None:
+        item = self._items.get(record_id)
+        if item is not None:
+            self._items.move_to_end(record_id)
+        return item
+
+    def put(self, record_id: str, version: int, created_at: float, values: dict[str, str]) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[record_id] = (version, created_at, values)
+        self._items.move_to_end(record_id)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def drop(self, record_id: str) -> None:
+        self._items.pop(record_id, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _Locks:
+    """Per-record locks that exist only while someone holds or waits for them.
+
+    Semaphores, not locks: a bucket loaded on first use is acquired by a task
+    started from a worker thread and released by the request's own task.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[anyio.Semaphore, int]] = {}
+
+    async def acquire(self, record_id: str) -> None:
+        lock, users = self._locks.get(record_id, (None, 0))
+        if lock is None:
+            lock = anyio.Semaphore(1, fast_acquire=True)  # no scheduler round trip when uncontended
+        self._locks[record_id] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._unuse(record_id)
+            raise
+
+    def release(self, record_id: str) -> None:
+        self._locks[record_id][0].release()
+        self._unuse(record_id)
+
+    def _unuse(self, record_id: str) -> None:
+        lock, users = self._locks[record_id]
+        if users == 1:
+            del self._locks[record_id]
+        else:
+            self._locks[record_id] = (lock, users - 1)
+
+
+class SessionStore:
+    """Runs working copies against a backend.
+
+    Args:
+        backend: where records persist.
+        ttl: seconds of inactivity after which a session expires (`None` = never).
+        clock: returns the current time in epoch seconds; inject one in tests.
+        max_value_bytes: largest JSON encoding accepted by `set_state`.
+        snapshot_capacity: records whose last values are cached in this process.
+        keep_checkpoints: checkpoints kept per record (0: none are recorded).
+        max_keys: keys one record may hold (`None`: no limit).
+        max_record_bytes: total JSON bytes of one record's values (`None`: no limit).
+    """
+
+    def __init__(
+        self,
+        backend: StateBackend,
+        *,
+        ttl: float | None = None,
+        clock: Callable[[], float] = time.time,
+        max_value_bytes: int | None = None,
+        snapshot_capacity: int = 4096,
+        keep_checkpoints: int = 0,
+        max_keys: int | None = None,
+        max_record_bytes: int | None = None,
+    ) -> None:
+        if max_value_bytes is not None and (
+            isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int) or max_value_bytes <= 0
+        ):
+            raise ConfigurationError(
+                f"max_value_bytes must be a positive whole number of bytes (or None for no limit), "
+                f"got {max_value_bytes!r}"
+            )
+        self.backend = backend
+        self.keep_checkpoints = keep_checkpoints
+        self.ttl = ttl
+        self.clock = clock
+        self.max_value_bytes = max_value_bytes
+        self.max_keys = max_keys
+        self.max_record_bytes = max_record_bytes
+        self._snapshots = _Snapshots(snapshot_capacity)
+        INSTRUMENTS.watch_held(self._snapshots.__len__)
+        self._locks = _Locks()
+        self._opened = 0
+        self._open_lock = anyio.Lock()
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[SessionStore]:
+        """Open the backend for the span of a server lifespan.
+
+        Lifespans nest (every in-process client enters one), so the backend is
+        opened by the first and closed by the last.
+        """
+        async with self._open_lock:
+            if self._opened == 0:
+                await self.backend.open()
+            self._opened += 1
+        try:
+            yield self
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._open_lock:
+                    self._opened -= 1
+                    if self._opened == 0:
+                        await self.backend.close()
+
+    # -- locks ------------------------------------------------------------------
+    async def acquire(self, record_id: str) -> None:
+        """Wait for the record's lock in this process (release it with `release`)."""
+        await self._locks.acquire(record_id)
+
+    def release(self, record_id: str) -> None:
+        self._locks.release(record_id)
+
+    @asynccontextmanager
+    async def locked(self, record_id: str) -> AsyncIterator[None]:
+        """Serialise work on one record within this process."""
+        await self._locks.acquire(record_id)
+        try:
+            yield
+        finally:
+            self._locks.release(record_id)
+
+    # -- load -------------------------------------------------------------------
+    async def load(self, record_id: str, *, create: bool) -> WorkingCopy | None:
+        """Load a record into a fresh working copy.
+
+        Returns `None` when the record does not exist and `create` is false.
+        With `create`, a missing record yields an empty copy at version 0 that
+        the commit will create.
+        """
+        now = self.clock()
+        cached = self._snapshots.get(record_id)
+        if cached is None:
+            record = await self.backend.load(record_id, now=now)
+        else:
+            record = await self.backend.load(record_id, now=now, known_version=cached[0], known_created_at=cached[1])
+        if record is None:
+            self._snapshots.drop(record_id)
+            if not create:
+                return None
+            return WorkingCopy(record_id, max_value_bytes=self.max_value_bytes)
+        if record.values is None:
+            assert cached is not None
+            values = cached[2]
+        else:
+            values = record.values
+            self._snapshots.put(record_id, record.version, record.created_at, values)
+        return self._copy(record, values)
+
+    def detached(self, record: SessionRecord) -> WorkingCopy:
+        """A copy of a session that is already gone from the store (for its end hooks).
+
+        Its values can be read; changes to them are written nowhere.
+        """
+        copy = self._copy(record, record.values or {})
+        copy.detached = True
+        return copy
+
+    def _copy(self, record: SessionRecord, values: dict[str, str]) -> WorkingCopy:
+        return WorkingCopy(
+            record.session_id,
+            version=record.version,
+            base=values,
+            stage=record.stage,
+            owner=record.owner,
+            expires_at=record.expires_at,
+            created_at=record.created_at,
+            max_value_bytes=self.max_value_bytes,
+        )
+
+    async def expired(self, record_id: str) -> SessionRecord | None:
+        """The session as stored if it exists but has expired (not yet swept), else `None`."""
+        record = await self.backend.load(record_id, now=float("-inf"))
+        if record is None or record.expires_at is None or record.expires_at > self.clock():
+            return None
+        return record
+
+    # -- commit -----------------------------------------------------------------
+    async def commit(self, *copies: WorkingCopy, tool: str | None = None) -> None:
+        """Write the dirty ones of `copies` in one atomic backend call (nothing when none is dirty).
+
+        Args:
+            tool: what made the commit, recorded in its checkpoints.
+
+        Raises:
+            ConflictError: another process committed to one of them first.
+            StateUnavailableError: the backend could not be reached.
+        """
+        dirty = [c for c in copies if c.dirty and not c.detached]
+        if not dirty:
+            return
+        for c in dirty:
+            self._check_size(c)
+        now = self.clock()
+        keep = self.keep_checkpoints
+        commits = [
+            Commit(
+                session_id=c.session_id,
+                expected_version=c.version,
+                changes=dict(c.changes),
+                clear=c.cleared,
+                stage=c.stage if c.stage_changed else UNCHANGED,
+                owner=c.owner,
+                expires_at=self.expiry(now) if c.expiring else None,
+                tool=tool,
+                keep_checkpoints=keep,
+                before=c.overwritten() if keep > 0 else {},
+                stage_before=c.base_stage,
+            )
+            for c in dirty
+        ]
+        try:
+            if len(commits) == 1:
+                versions = [await self.backend.commit(commits[0], now=now)]
+            else:
+                versions = await self.backend.commit_all(commits, now=now)
+        except ConflictError:
+            for c in dirty:
+                self._snapshots.drop(c.session_id)
+            raise
+        for c, version in zip(dirty, versions):
+            created_at = now if c.version == 0 else c.created_at  # a creating commit starts a new life
+            self._snapshots.put(c.session_id, version, created_at, c.committed_values())
+
+    def _check_size(self, copy: WorkingCopy) -> None:
+        """Refuse a commit that would leave a record over `max_keys` or `max_record_bytes` (nothing is written)."""
+        if self.max_keys is None and self.max_record_bytes is None:
+            return
+        if not any(text is not None for text in copy.changes.values()):
+            return  # only deletions: a record never grows by them
+        values = copy.committed_values()
+        kind = ids.kind_of(copy.session_id)
+        what = "this session" if kind == "session" else f"the {kind} scope"
+        if self.max_keys is not None and len(values) > self.max_keys:
+            raise StateValueError(
+                f"{what} would hold {len(values)} keys; the limit (max_keys_per_session) is {self.max_keys}. "
+                "Nothing this call wrote was saved; delete keys you no longer need"
+            )
+        if self.max_record_bytes is not None:
+            size = sum(len(k.encode()) + len(v.encode()) for k, v in values.items())
+            if size > self.max_record_bytes:
+                raise StateValueError(
+                    f"{what} would hold {size} bytes of state; the limit (max_session_bytes) is "
+                    f"{self.max_record_bytes}. Nothing this call wrote was saved; delete keys you no longer need"
+                )
+
+    def expiry(self, now: float) -> float | None:
+        return None if self.ttl is None else now + self.ttl
+
+    async def renew(self, copy: WorkingCopy) -> None:
+        """Push back the expiry of a session a call only read, at most once a minute.
+
+        Renewing on every read would turn every read into a write; a session
+        idle for the full TTL still expires within a minute of it.
+        """
+        if copy.version == 0 or self.ttl is None or not copy.expiring or copy.detached or copy.dirty:
+            return
+        now = self.clock()
+        if copy.expires_at is not None and copy.expires_at - now > self.ttl - min(60.0, self.ttl / 10):
+            return
+        await self.backend.touch(copy.session_id, expires_at=now + self.ttl, now=now)
+
+    # -- removal ----------------------------------------------------------------
+    def forget(self, record_id: str) -> None:
+        """Drop what this process caches of a record (it was deleted behind the store's back)."""
+        self._snapshots.drop(record_id)
+
+    async def delete(self, record_id: str) -> bool:
+        """Delete a record outright; whether it existed."""
+        self._snapshots.drop(record_id)
+        return await self.backend.delete(record_id)
+
+    def __repr__(self) -> str:
+        return f"SessionStore({type(self.backend).__name__}, ttl={self.ttl!r})"
