@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -46,56 +48,54 @@ async def _many(client: Client, n: int, tool: str, arguments: dict[str, Any]) ->
     return results
 
 
-async def test_handle_less_reads_and_start_session_store_nothing_and_writes_past_the_rate_are_refused(
-    persistent_state_url: str,
-) -> None:
-    server = ServerProcess.cart("streamable-http", state_url=persistent_state_url)
+@asynccontextmanager
+async def _served(state_url: str) -> AsyncIterator[tuple[Client, int]]:
+    """A cart server on the store, a 2026-07-28 client of it, and the rows stored once it started."""
+    server = ServerProcess.cart("streamable-http", state_url=state_url)
     start_all(server)
     try:
         with anyio.fail_after(LIMIT):
             async with Client(server.url) as client:
                 await client.list_tools()
-                before = await _rows(persistent_state_url)  # the handle key, written at start-up
-
-                read_without_handle = await _many(client, CALLS, "view_cart", {})
-                assert all(r.is_error and (r.meta or {}).get("concierge/session") == "missing" for r in read_without_handle)
-                started = await _many(client, CALLS, "start_session", {})
-                issued = [r for r in started if not r.is_error]
-                assert 0 < len(issued) < len(started)  # start_session starts a session: the rate applies
-                assert all("max_new_sessions_per_minute" in text(r) for r in started if r.is_error)
-                for result in issued[:50]:  # reads in those fresh sessions: allowed, and they store nothing
-                    handle = result.structured_content["session_id"]
-                    assert payload(await client.call_tool("view_cart", {"session_id": handle}))["cart"] == []
-                write_without_handle = await _many(client, CALLS, "add_to_cart", {"item": "x"})
-                assert all(r.is_error and "session_id" in text(r) for r in write_without_handle)
-                assert await _rows(persistent_state_url) == before
+                yield client, await _rows(state_url)  # the handle key, written at start-up
     finally:
         server.close()
+
+
+async def test_handle_less_reads_and_start_session_store_nothing_and_writes_past_the_rate_are_refused(
+    persistent_state_url: str,
+) -> None:
+    async with _served(persistent_state_url) as (client, before):
+        read_without_handle = await _many(client, CALLS, "view_cart", {})
+        assert all(r.is_error and (r.meta or {}).get("concierge/session") == "missing" for r in read_without_handle)
+        assert await _rows(persistent_state_url) == before
+        started = await _many(client, CALLS, "start_session", {})
+        issued = [r for r in started if not r.is_error]
+        assert 0 < len(issued) < len(started)  # start_session starts a session: the rate applies
+        assert all("max_new_sessions_per_minute" in text(r) for r in started if r.is_error)
+        for result in issued[:50]:  # reads in those fresh sessions: allowed, and they store nothing
+            handle = result.structured_content["session_id"]
+            assert payload(await client.call_tool("view_cart", {"session_id": handle}))["cart"] == []
+        write_without_handle = await _many(client, CALLS, "add_to_cart", {"item": "x"})
+        assert all(r.is_error and "session_id" in text(r) for r in write_without_handle)
+        assert await _rows(persistent_state_url) == before
 
 
 async def test_writing_calls_that_start_sessions_are_refused_past_the_documented_rate(
     persistent_state_url: str,
 ) -> None:
-    server = ServerProcess.cart("streamable-http", state_url=persistent_state_url)
-    start_all(server)
-    try:
-        with anyio.fail_after(LIMIT):
-            async with Client(server.url) as client:
-                await client.list_tools()
-                before = await _rows(persistent_state_url)
-                started = time.monotonic()
-                written = await _many(client, CALLS, "add_to_cart", {"item": "x", "session_id": "new"})
-                minutes = int((time.monotonic() - started) // 60) + 1  # a sliding one-minute window
-                kept = [r for r in written if not r.is_error]
-                assert 120 <= len(kept) <= 120 * minutes  # the documented default of max_new_sessions_per_minute
-                refused = [r for r in written if r.is_error]
-                assert refused and all("(max_new_sessions_per_minute) is 120" in text(r) for r in refused)
-                for result in kept[:3]:  # the sessions within the limit work on
-                    again = await client.call_tool("add_to_cart", {"item": "y", "session_id": handle_of(result)})
-                    assert payload(again)["cart"] == ["x", "y"]
-                assert await _rows(persistent_state_url) == before + len(kept)  # only those, nothing else touched
-    finally:
-        server.close()
+    async with _served(persistent_state_url) as (client, before):
+        started = time.monotonic()
+        written = await _many(client, CALLS, "add_to_cart", {"item": "x", "session_id": "new"})
+        minutes = int((time.monotonic() - started) // 60) + 1  # a sliding one-minute window
+        kept = [r for r in written if not r.is_error]
+        assert 120 <= len(kept) <= 120 * minutes  # the documented default of max_new_sessions_per_minute
+        refused = [r for r in written if r.is_error]
+        assert refused and all("(max_new_sessions_per_minute) is 120" in text(r) for r in refused)
+        for result in kept[:3]:  # the sessions within the limit work on
+            again = await client.call_tool("add_to_cart", {"item": "y", "session_id": handle_of(result)})
+            assert payload(again)["cart"] == ["x", "y"]
+        assert await _rows(persistent_state_url) == before + len(kept)  # only those, nothing else touched
 
 
 async def test_a_handle_issued_before_a_restart_resolves_after_it_written_or_not(persistent_state_url: str) -> None:
