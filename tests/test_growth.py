@@ -153,3 +153,31 @@ async def test_a_forged_handle_in_the_right_shape_is_refused_with_no_store_read(
             assert result.is_error and result.meta["concierge/session"] == "unknown", text(result)
         assert backend.loads == []  # refused on the signature alone
         assert not (await client.call_tool("view", {"session_id": real})).is_error
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_a_call_past_the_session_size_limits_is_refused_naming_the_setting_and_writes_nothing(
+    state_url: str, mode: str
+) -> None:
+    app = Concierge("caps", state_url=state_url, max_keys_per_session=3, max_session_bytes=200)
+
+    @app.tool()
+    def put(keys: list[str], size: int = 1) -> int:
+        for key in keys:
+            app.set_state(key, "x" * size)
+        return len(keys)
+
+    @app.tool()
+    def count() -> int:
+        return sum(app.get_state(k) is not None for k in ("a", "b", "c", "d", "e"))
+
+    new = {} if mode == "legacy" else {"session_id": "new"}
+    async with (Client(app, mode="legacy") if mode == "legacy" else Client(app)) as client:
+        first = await client.call_tool("put", {"keys": ["a", "b"], **new})
+        assert not first.is_error, text(first)
+        handle = {} if mode == "legacy" else {"session_id": handle_of(first)}
+        too_many = await client.call_tool("put", {"keys": ["c", "d"], **handle})
+        assert too_many.is_error and "max_keys_per_session" in text(too_many) and "is 3" in text(too_many)
+        too_big = await client.call_tool("put", {"keys": ["a"], "size": 300, **handle})
+        assert too_big.is_error and "max_session_bytes" in text(too_big) and "200" in text(too_big)
+        assert payload(await client.call_tool("count", handle)) == 2  # nothing of the refused calls was kept

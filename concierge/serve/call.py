@@ -23,7 +23,7 @@ from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
 from concierge import identity, ids
-from concierge.errors import ConflictError, SessionExpiredError, StateUnavailableError
+from concierge.errors import ConciergeError, ConflictError, SessionExpiredError, StateUnavailableError
 from concierge.identity import STATUS_META_KEY, Identity
 from concierge.serve.builtins import visible
 from concierge.serve.closing import roaming_record, watch_close
@@ -125,6 +125,8 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
         )
         return unsaved(error(message), who)
     except StateUnavailableError as exc:
+        return unsaved(error(str(exc)), who)
+    except ConciergeError as exc:  # refused at commit (a session size limit): its own words
         return unsaved(error(str(exc)), who)
     except MCPError:
         raise  # the SDK's own protocol errors stay protocol errors
