@@ -106,3 +106,17 @@ async def test_a_cached_session_recreated_elsewhere_after_expiry_is_read_again(s
         again = await a.load("s", create=False)
         assert again is not None
         assert again.get("cart") == ["new"]
+
+
+def test_committed_size_counts_keys_and_bytes_from_the_changes_without_remeasuring_the_base() -> None:
+    copy = WorkingCopy("s", base={"a": '"xx"', "b": "1"})
+    assert copy.committed_size() == (2, len('a"xx"') + len("b1"))
+    copy.base_bytes = 1_000  # a size the store carried: trusted, not counted again
+    copy.set("a", "é")  # replaces 'a', 2 bytes of text become 2 (quotes) + 2 (é)
+    copy.set("c", [1])
+    copy.delete("b")
+    assert copy.committed_size() == (2, 1_000 - len('a"xx"') + len('a"é"'.encode()) - len("b1") + len("c[1]"))
+    copy.clear()
+    copy.set("z", 0)
+    assert copy.committed_size() == (1, 2)
+    assert copy.committed_size()[0] == len(copy.committed_values())

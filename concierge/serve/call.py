@@ -24,7 +24,7 @@ from mcp.shared.exceptions import MCPError
 
 from concierge import identity, ids
 from concierge.errors import ConciergeError, ConflictError, SessionExpiredError, StateUnavailableError
-from concierge.identity import STATUS_META_KEY, Identity
+from concierge.identity import STATUS_META_KEY
 from concierge.serve.builtins import visible
 from concierge.serve.closing import roaming_record, watch_close
 from concierge.serve.envelope import Status, error_result, missing_session, unknown_session, with_handle
@@ -108,7 +108,7 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
         plans,
         user=lambda copy: identity.user_of(ctx, who.owner),
         create=not who.via_handle or who.issued_at is not None,  # a handle this server signed may be unwritten
-        create_until=_fresh_until(rt, who),
+        create_until=rt.fresh_until(who),
         owner=who.owner,
         check_owner=who.via_handle and not who.is_new,
         keep=_ok,
@@ -157,16 +157,6 @@ async def _without_session(name: str, ctx: ServerRequestContext[Any, Any], call_
     )
     with bind(UnitOfWork(None, tool=name, no_session_reason=reason)):
         return await call_next(ctx)
-
-
-def _fresh_until(rt: Runtime, who: Identity) -> float | None:
-    """Until when a signed handle whose session was never written still names a fresh session.
-
-    After `issued_at + ttl` an absent session can only have expired (or been deleted): it is refused.
-    """
-    if who.issued_at is None or who.is_new or rt.store.ttl is None:
-        return None
-    return who.issued_at + rt.store.ttl
 
 
 def _not_offered(name: str) -> str:

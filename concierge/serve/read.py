@@ -43,7 +43,7 @@ async def read(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next: Call
         [rt.plans.of(key)],
         user=lambda copy: identity.user_of(ctx, who.owner),
         create=not who.via_handle or who.issued_at is not None,  # a signed handle may be unwritten
-        create_until=None if who.issued_at is None or rt.store.ttl is None else who.issued_at + rt.store.ttl,
+        create_until=rt.fresh_until(who),
         owner=who.owner,
         check_owner=who.via_handle,
         companions=roaming_record(rt, ctx, who),

@@ -70,6 +70,16 @@ class Runtime:
         assert self.signer is not None, "the server has not started"
         return identity.resolve(ctx, supplied, start=start, signer=self.signer, now=self.store.clock())
 
+    def fresh_until(self, who: Identity) -> float | None:
+        """Until when a handle this server signed, whose session was never written, names a fresh session.
+
+        After `issued_at + ttl` an absent session can only have expired (or been deleted): it is refused.
+        `None` when the question does not arise (a new session, an unsigned handle, no TTL).
+        """
+        if who.issued_at is None or who.is_new or self.store.ttl is None:
+            return None
+        return who.issued_at + self.store.ttl
+
     def stateful(self, tool: str) -> bool:
         """Whether `tool` uses session state, so on handle wires it takes the `session_id` argument.
 

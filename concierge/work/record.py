@@ -52,6 +52,8 @@ class WorkingCopy:
     must_persist: bool = False
     expiring: bool = True
     detached: bool = False
+    base_bytes: int | None = None
+    """The UTF-8 bytes of `base` (keys and values), when the store knows them; counted on first need."""
     base_stage: str | None = field(default=None, init=False)
     """The stage when loaded; never mutated."""
 
@@ -130,6 +132,23 @@ class WorkingCopy:
                 values[key] = value
         return values
 
+    def committed_size(self) -> tuple[int, int]:
+        """The keys and the UTF-8 bytes (keys and values) the record holds after this copy commits.
+
+        Counted from `base_bytes` and the changes alone, so a write to a large
+        record does not re-measure every value it holds.
+        """
+        if self.base_bytes is None:
+            self.base_bytes = sum(_size(key, text) for key, text in self.base.items())
+        keys, size = (0, 0) if self.cleared else (len(self.base), self.base_bytes)
+        for key, text in self.changes.items():
+            old = None if self.cleared else self.base.get(key)
+            if old is not None:
+                keys, size = keys - 1, size - _size(key, old)
+            if text is not None:
+                keys, size = keys + 1, size + _size(key, text)
+        return keys, size
+
     # -- undo (a hook that raised leaves nothing behind) -------------------------
     def save(self) -> Saved:
         """What this copy holds now, for `restore`."""
@@ -140,3 +159,7 @@ class WorkingCopy:
         """Drop every change made since `save`."""
         copy, changes, cleared, stage, stage_changed = saved
         copy.changes, copy.cleared, copy.stage, copy.stage_changed = changes, cleared, stage, stage_changed
+
+
+def _size(key: str, text: str) -> int:
+    return len(key.encode()) + len(text.encode())

@@ -74,7 +74,6 @@ class Job:
         create: a missing session is created (else the job finds nothing).
         owner: the principal making the request, recorded on a new session.
         check_owner: the session must belong to `owner` (a supplied handle).
-        persist_new: a new session is stored even if the code writes nothing.
         load: loads the session instead of the store (end hooks of an expired one).
         keep: whether the result is a success whose writes are committed.
         create_until: a missing session is created only until this time (a
@@ -90,7 +89,6 @@ class Job:
     create: bool = True
     owner: str | None = None
     check_owner: bool = False
-    persist_new: bool = False
     load: Callable[[], Awaitable[WorkingCopy | None]] | None = None
     keep: Callable[[Any], bool] = field(default=_always)
     create_until: float | None = None
@@ -172,7 +170,7 @@ class Runner:
         new = session.version == 0 and not session.detached
         if new:
             session.owner = job.owner
-            session.must_persist = job.persist_new or self.beginning.seeds
+            session.must_persist = self.beginning.seeds  # its hooks ran: they must not run again
         unit = UnitOfWork(session, tool=job.label)
         async with AsyncExitStack() as stack:
             user = job.user(session)

@@ -36,18 +36,21 @@ class _Snapshots:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[int, float, dict[str, str]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[int, float, dict[str, str], int | None]] = OrderedDict()
 
-    def get(self, record_id: str) -> tuple[int, float, dict[str, str]] | None:
+    def get(self, record_id: str) -> tuple[int, float, dict[str, str], int | None] | None:
+        """(version, created_at, values, their bytes when known) of the record, or `None`."""
         item = self._items.get(record_id)
         if item is not None:
             self._items.move_to_end(record_id)
         return item
 
-    def put(self, record_id: str, version: int, created_at: float, values: dict[str, str]) -> None:
+    def put(
+        self, record_id: str, version: int, created_at: float, values: dict[str, str], size: int | None = None
+    ) -> None:
         if self.capacity <= 0:
             return
-        self._items[record_id] = (version, created_at, values)
+        self._items[record_id] = (version, created_at, values, size)
         self._items.move_to_end(record_id)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
@@ -196,11 +199,11 @@ class SessionStore:
             return WorkingCopy(record_id, max_value_bytes=self.max_value_bytes)
         if record.values is None:
             assert cached is not None
-            values = cached[2]
-        else:
-            values = record.values
-            self._snapshots.put(record_id, record.version, record.created_at, values)
-        return self._copy(record, values)
+            copy = self._copy(record, cached[2])
+            copy.base_bytes = cached[3]
+            return copy
+        self._snapshots.put(record_id, record.version, record.created_at, record.values)
+        return self._copy(record, record.values)
 
     def detached(self, record: SessionRecord) -> WorkingCopy:
         """A copy of a session that is already gone from the store (for its end hooks).
@@ -223,13 +226,6 @@ class SessionStore:
             max_value_bytes=self.max_value_bytes,
         )
 
-    async def expired(self, record_id: str) -> SessionRecord | None:
-        """The session as stored if it exists but has expired (not yet swept), else `None`."""
-        record = await self.backend.load(record_id, now=float("-inf"))
-        if record is None or record.expires_at is None or record.expires_at > self.clock():
-            return None
-        return record
-
     # -- commit -----------------------------------------------------------------
     async def commit(self, *copies: WorkingCopy, tool: str | None = None) -> None:
         """Write the dirty ones of `copies` in one atomic backend call (nothing when none is dirty).
@@ -244,8 +240,7 @@ class SessionStore:
         dirty = [c for c in copies if c.dirty and not c.detached]
         if not dirty:
             return
-        for c in dirty:
-            self._check_size(c)
+        sizes = [self._checked_size(c) for c in dirty]
         now = self.clock()
         keep = self.keep_checkpoints
         commits = [
@@ -273,31 +268,32 @@ class SessionStore:
             for c in dirty:
                 self._snapshots.drop(c.session_id)
             raise
-        for c, version in zip(dirty, versions):
+        for c, version, size in zip(dirty, versions, sizes):
             created_at = now if c.version == 0 else c.created_at  # a creating commit starts a new life
-            self._snapshots.put(c.session_id, version, created_at, c.committed_values())
+            self._snapshots.put(c.session_id, version, created_at, c.committed_values(), size)
 
-    def _check_size(self, copy: WorkingCopy) -> None:
-        """Refuse a commit that would leave a record over `max_keys` or `max_record_bytes` (nothing is written)."""
+    def _checked_size(self, copy: WorkingCopy) -> int | None:
+        """The bytes `copy` leaves its record with (`None` when no limit asks), refusing a commit that would
+        leave it over `max_keys` or `max_record_bytes` (nothing is written)."""
         if self.max_keys is None and self.max_record_bytes is None:
-            return
+            return None
+        keys, size = copy.committed_size()
         if not any(text is not None for text in copy.changes.values()):
-            return  # only deletions: a record never grows by them
-        values = copy.committed_values()
+            return size  # only deletions: a record never grows by them
         kind = ids.kind_of(copy.session_id)
         what = "this session" if kind == "session" else f"the {kind} scope"
-        if self.max_keys is not None and len(values) > self.max_keys:
+        if self.max_keys is not None and keys > self.max_keys:
             raise StateValueError(
-                f"{what} would hold {len(values)} keys; the limit (max_keys_per_session) is {self.max_keys}. "
+                f"{what} would hold {keys} keys; the limit (max_keys_per_session) is {self.max_keys}. "
                 "Nothing this call wrote was saved; delete keys you no longer need"
             )
         if self.max_record_bytes is not None:
-            size = sum(len(k.encode()) + len(v.encode()) for k, v in values.items())
             if size > self.max_record_bytes:
                 raise StateValueError(
                     f"{what} would hold {size} bytes of state; the limit (max_session_bytes) is "
                     f"{self.max_record_bytes}. Nothing this call wrote was saved; delete keys you no longer need"
                 )
+        return size
 
     def expiry(self, now: float) -> float | None:
         return None if self.ttl is None else now + self.ttl
