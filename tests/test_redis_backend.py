@@ -497,18 +497,3 @@ async def test_redis_processes_incrementing_two_sessions_together_lose_nothing(r
         for sid in ("x", "y"):
             record = await b.load(sid, now=1.0)
             assert record is not None and record.values == {"n": "60"} and record.version == 61
-
-
-async def test_redis_two_backend_objects_on_one_store_detect_each_others_commits(redis_url: str) -> None:
-    async with backend_from_url(redis_url) as a, backend_from_url(redis_url) as b:
-        await a.commit(Commit("s1", 0, {"n": "0"}), now=NOW)
-        record = await b.load("s1", now=NOW, known_version=1)
-        assert record is not None and record.values is None
-        assert await b.commit(Commit("s1", 1, {"n": "1"}), now=NOW) == 2
-        with pytest.raises(ConflictError):
-            await a.commit(Commit("s1", 1, {"n": "2"}), now=NOW)
-        stale = await a.load("s1", now=NOW, known_version=1)
-        assert stale is not None and stale.values == {"n": "1"}
-        await b.delete("s1")
-        with pytest.raises(ConflictError, match="no longer exists"):
-            await a.commit(Commit("s1", 2, {"n": "3"}), now=NOW)

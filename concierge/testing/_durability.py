@@ -63,6 +63,6 @@ class DurabilityTests:
             stale = await a.load("s1", now=NOW, known_version=1)
             assert stale is not None and stale.values == {"n": "1"}
             await b.delete("s1")
-            with pytest.raises(ConflictError):
+            with pytest.raises(ConflictError, match="no longer exists"):
                 await a.commit(Commit("s1", 2, {"n": "3"}), now=NOW)
             assert await a.load("s1", now=NOW) is None
