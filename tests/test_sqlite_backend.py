@@ -1,5 +1,6 @@
 """SQLite-only behaviour: URL forms, durability setting, file errors, several processes on one file, write economy,
-and the SQL schema's migrations (`SQLMigrationTests`, which test_postgres_backend.py runs on PostgreSQL too)."""
+where statements run (event loop or worker thread), the change feed, and the SQL schema's migrations
+(`SQLMigrationTests`, which test_postgres_backend.py runs on PostgreSQL too)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import anyio
+import anyio.to_thread
 import pytest
 
 from concierge.errors import ConfigurationError, ConflictError, StateUnavailableError
@@ -137,7 +140,7 @@ async def test_sqlite_synchronous_is_in_effect_on_the_connection(tmp_path: Path,
 
 async def test_sqlite_without_wal_every_commit_is_flushed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # NORMAL is crash-safe only with WAL: on a file that stays in rollback-journal mode, FULL is used.
-    async def no_wal(self: SQLiteBackend, conn: aiosqlite.Connection) -> Any:
+    def no_wal(self: SQLiteBackend, conn: sqlite3.Connection) -> Any:
         return ("delete",)
 
     monkeypatch.setattr(SQLiteBackend, "_enable_wal", no_wal)
@@ -158,14 +161,16 @@ async def test_sqlite_missing_directory_is_a_clear_error_and_creates_nothing(tmp
     await b.close()
 
 
-async def test_sqlite_file_is_created_on_first_open(tmp_path: Path) -> None:
+async def test_sqlite_file_is_created_on_first_open_in_wal_mode_and_never_waits_on_the_loop(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     async with SQLiteBackend(path) as b:
         assert path.exists()
         async with b._transaction(write=False) as tx:
             (mode,) = (await tx.fetch("PRAGMA journal_mode"))[0]
             (timeout,) = (await tx.fetch("PRAGMA busy_timeout"))[0]
-    assert mode == "wal" and timeout == 5000
+            (autocheckpoint,) = (await tx.fetch("PRAGMA wal_autocheckpoint"))[0]
+    # busy_timeout (5 s) applies in the worker thread only; the backend checkpoints the log itself
+    assert (mode, timeout, autocheckpoint) == ("wal", 0, 0)
 
 
 def _python_without_root_powers() -> list[str]:
@@ -224,51 +229,74 @@ async def test_sqlite_commit_of_one_key_writes_one_value_row_in_a_large_session(
     assert record.values["k5"] == "55"
 
 
-class _ThreadCalls:
-    """Counts the awaited calls a backend makes on its aiosqlite connection: one trip to its thread each."""
+class _Seen:
+    """The statements a backend's connection runs - each with whether it ran on the event loop's thread - and
+    the hops to a worker thread (`anyio.to_thread.run_sync` calls, with the function sent)."""
 
-    METHODS = ("execute", "execute_fetchall", "executemany", "executescript", "commit", "rollback", "cursor")
+    def __init__(self) -> None:
+        self.loop = threading.get_ident()
+        self.statements: list[tuple[str, bool]] = []
+        self.hops: list[Any] = []
 
-    def __init__(self, conn: aiosqlite.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[str] = []
-        for name in self.METHODS:
-            monkeypatch.setattr(conn, name, self._counting(name, getattr(conn, name)))
+    def trace(self, statement: str) -> None:
+        self.statements.append((statement, threading.get_ident() == self.loop))
 
-    def _counting(self, name: str, method: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
-            return method(*args, **kwargs)
+    def take(self) -> tuple[list[str], list[str], int]:
+        """The first words of the statements run on the loop and of those run in a thread (a trigger's
+        statement is traced once per statement of its trigger: counted once), and the number of hops."""
+        statements, self.statements = self.statements, []
+        hops, self.hops = self.hops, []
+        on_loop: list[str] = []
+        in_thread: list[str] = []
+        previous = None
+        for statement, loop in statements:
+            if statement != previous:
+                (on_loop if loop else in_thread).append(statement.split()[0].upper())
+            previous = statement
+        return on_loop, in_thread, len(hops)
 
-        return call
 
-    def take(self) -> list[str]:
-        calls, self.calls = self.calls, []
-        return calls
+@contextmanager
+def _seeing(b: SQLiteBackend, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Seen]:
+    seen = _Seen()
+    real = anyio.to_thread.run_sync
+
+    async def run_sync(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        seen.hops.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", run_sync)
+    conn = b._conn
+    assert conn is not None
+    conn.set_trace_callback(seen.trace)
+    try:
+        yield seen
+    finally:
+        conn.set_trace_callback(None)
+        monkeypatch.setattr(anyio.to_thread, "run_sync", real)
 
 
-async def test_sqlite_load_is_one_call_and_an_update_one(
+async def test_sqlite_load_and_update_are_one_statement_each_run_on_the_event_loop(
     backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await backend.commit(Commit("s1", 0, {"count": "0"}), now=NOW)
-    conn = backend._conn
-    assert conn is not None
-    counted = _ThreadCalls(conn, monkeypatch)
-    record = await backend.load("s1", now=NOW, known_version=1)
-    assert record is not None and record.values is None
-    assert counted.take() == ["execute_fetchall"]
-    # an update of a live session: one statement, whatever keys it writes or deletes, and the stage
-    assert await backend.commit(Commit("s1", 1, {"count": "1"}), now=NOW) == 2
-    assert counted.take() == ["execute"]
-    assert await backend.commit(Commit("s1", 2, {"a": "1", "b": "2", "count": None}, stage="pay"), now=NOW) == 3
-    assert counted.take() == ["execute"]
-    record = await backend.load("s1", now=NOW)
-    assert record is not None and (record.version, record.values, record.stage) == (3, {"a": "1", "b": "2"}, "pay")
-    counted.take()
-    # a checkpoint, a clear or several sessions: one transaction of several statements
-    assert await backend.commit(Commit("s1", 3, {"a": "2"}, clear=True), now=NOW) == 4
-    assert counted.take() == ["execute", "execute", "execute", "execute"]
-    assert await backend.touch("s1", expires_at=None, now=NOW)
-    assert counted.take() == ["execute", "execute"]
+    with _seeing(backend, monkeypatch) as seen:
+        record = await backend.load("s1", now=NOW, known_version=1)
+        assert record is not None and record.values is None
+        assert seen.take() == (["SELECT"], [], 0)
+        # an update of a live session: one statement, whatever keys it writes or deletes, and the stage
+        assert await backend.commit(Commit("s1", 1, {"count": "1"}), now=NOW) == 2
+        assert seen.take() == (["WITH"], [], 0)
+        assert await backend.commit(Commit("s1", 2, {"a": "1", "b": "2", "count": None}, stage="pay"), now=NOW) == 3
+        assert seen.take() == (["WITH"], [], 0)
+        record = await backend.load("s1", now=NOW)
+        assert record is not None and (record.version, record.values, record.stage) == (3, {"a": "1", "b": "2"}, "pay")
+        seen.take()
+        # a checkpoint, a clear or several sessions: one transaction of several statements, on the loop too
+        assert await backend.commit(Commit("s1", 3, {"a": "2"}, clear=True), now=NOW) == 4
+        assert seen.take() == (["BEGIN", "UPDATE", "DELETE", "INSERT", "COMMIT"], [], 0)
+        assert await backend.touch("s1", expires_at=None, now=NOW)
+        assert seen.take() == (["BEGIN", "UPDATE", "COMMIT"], [], 0)
 
 
 async def test_sqlite_one_statement_update_is_all_or_nothing(backend: SQLiteBackend) -> None:
@@ -279,7 +307,7 @@ async def test_sqlite_one_statement_update_is_all_or_nothing(backend: SQLiteBack
     # a NULL value breaks the values table's NOT NULL after the bump and the delete have run
     args = ("s1", 1, NOW, None, True, "paid", '["b"]', '{"a":"2","c":null}')
     with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
-        await conn.execute(sqlite_module._COMMIT_IN_ONE, args)
+        conn.execute(sqlite_module._COMMIT_IN_ONE, args)
     assert not conn.in_transaction
     record = await backend.load("s1", now=NOW)
     assert record is not None
@@ -308,12 +336,10 @@ async def test_sqlite_without_json_functions_updates_take_the_general_path(
 ) -> None:
     monkeypatch.setattr(backend, "_one_statement", False)
     await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
-    conn = backend._conn
-    assert conn is not None
-    counted = _ThreadCalls(conn, monkeypatch)
-    assert await backend.commit(Commit("s1", 1, {"a": "2", "b": None}), now=NOW) == 2
-    # the version bump (with the BEGIN IMMEDIATE sqlite3 sends before it), the delete, the value, COMMIT
-    assert counted.take() == ["execute", "execute", "execute", "execute"]
+    with _seeing(backend, monkeypatch) as seen:
+        assert await backend.commit(Commit("s1", 1, {"a": "2", "b": None}), now=NOW) == 2
+        # the version bump (with the BEGIN IMMEDIATE sqlite3 sends before it), the delete, the value, COMMIT
+        assert seen.take() == (["BEGIN", "UPDATE", "DELETE", "INSERT", "COMMIT"], [], 0)
     record = await backend.load("s1", now=NOW)
     assert record is not None and (record.version, record.values) == (2, {"a": "2"})
 
@@ -350,7 +376,7 @@ async def test_sqlite_every_write_runs_inside_one_begin_immediate_transaction(ba
     conn = backend._conn
     assert conn is not None
     statements: list[str] = []
-    await conn.set_trace_callback(statements.append)
+    conn.set_trace_callback(statements.append)
     await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
     await backend.commit(Commit("s1", 1, {"a": "2", "b": None}), now=NOW)
     await backend.commit_all([Commit("s1", 2, {"a": "3"}), Commit("s2", 0, {"a": "1"})], now=NOW)
@@ -358,7 +384,7 @@ async def test_sqlite_every_write_runs_inside_one_begin_immediate_transaction(ba
     assert [s.expires_at for s in await backend.take_expired(now=NOW + 1, limit=10)] == [NOW + 1]
     async with backend._transaction(write=True) as tx:  # a first statement sqlite3 would not open one for
         await tx.fetch("SELECT count(*) FROM concierge_sessions")
-    await conn.set_trace_callback(None)
+    conn.set_trace_callback(None)
     groups = _transactions(statements)
     assert len(groups) == 6, groups
     assert groups[1] == ["ONE STATEMENT"]
@@ -375,10 +401,10 @@ async def test_sqlite_failed_write_is_rolled_back_and_the_connection_stays_usabl
     conn = backend._conn
     assert conn is not None
     statements: list[str] = []
-    await conn.set_trace_callback(statements.append)
+    conn.set_trace_callback(statements.append)
     with pytest.raises(sqlite3.Error):  # several statements: the general path's transaction
         await backend.commit_all([Commit("s1", 1, bad)], now=NOW)  # type: ignore[arg-type]
-    await conn.set_trace_callback(None)
+    conn.set_trace_callback(None)
     assert _transactions(statements)[-1][-1] == "ROLLBACK"
     assert not conn.in_transaction
     record = await backend.load("s1", now=NOW)
@@ -391,10 +417,10 @@ async def test_sqlite_load_with_current_known_version_runs_one_query_on_sessions
     conn = backend._conn
     assert conn is not None
     statements: list[str] = []
-    await conn.set_trace_callback(statements.append)
+    conn.set_trace_callback(statements.append)
     record = await backend.load("big", now=NOW, known_version=1)
     stale = await backend.load("big", now=NOW, known_version=0)
-    await conn.set_trace_callback(None)
+    conn.set_trace_callback(None)
     assert record is not None and record.values is None
     assert stale is not None and stale.values is not None and len(stale.values) == 1000
     assert len(statements) == 3, statements  # 1 for the current version, 2 for the stale one
@@ -407,9 +433,12 @@ async def test_sqlite_deleting_a_session_deletes_its_value_rows(backend: SQLiteB
     await backend.commit(Commit("s3", 0, {"a": "1"}, expires_at=NOW + 1), now=NOW)
     await backend.delete("s1")
     assert await backend.clear_expired(now=NOW + 1) == 1
-    async with aiosqlite.connect(tmp_path / "state.db") as raw:
-        rows = await raw.execute_fetchall("SELECT session_id, count(*) FROM concierge_values GROUP BY session_id")
-    assert list(rows) == [("s2", 1)]
+    raw = sqlite3.connect(tmp_path / "state.db")
+    try:
+        rows = raw.execute("SELECT session_id, count(*) FROM concierge_values GROUP BY session_id").fetchall()
+    finally:
+        raw.close()
+    assert rows == [("s2", 1)]
 
 
 async def test_sqlite_rolled_back_commit_leaves_no_trace(backend: SQLiteBackend) -> None:
@@ -427,21 +456,234 @@ async def test_sqlite_busy_file_is_reported_as_unavailable(tmp_path: Path) -> No
     path = tmp_path / "busy.db"
     async with SQLiteBackend(path) as b:
         await b.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
-    blocker = await aiosqlite.connect(path, isolation_level=None)
+    blocker = sqlite3.connect(path, isolation_level=None)
     try:
         async with SQLiteBackend(path, busy_timeout=0.2) as b:
-            await blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+            blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
             started = time.monotonic()
             with pytest.raises(StateUnavailableError, match=r"busy_timeout=0\.2s"):
                 await b.commit(Commit("s1", 1, {"a": "2"}), now=NOW)
-            assert time.monotonic() - started < 5
+            assert 0.15 < time.monotonic() - started < 5  # it waited out busy_timeout, in the thread
             record = await b.load("s1", now=NOW)  # WAL: readers are not blocked by the writer
             assert record is not None and record.values == {"a": "1"}
-            await blocker.rollback()
+            blocker.rollback()
             assert await b.commit(Commit("s1", 1, {"a": "2"}), now=NOW) == 2  # nothing left half-open
     finally:
-        await blocker.rollback()
-        await blocker.close()
+        blocker.rollback()
+        blocker.close()
+
+
+# -- where statements run: the event loop, or a worker thread when they might wait ------------------
+
+
+@contextmanager
+def _write_lock_held(path: Path, seconds: float) -> Iterator[threading.Thread]:
+    """Another connection to `path` holds its write lock from now, for `seconds` (released from a thread)."""
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(seconds, blocker.rollback)
+    release.start()
+    try:
+        yield release
+    finally:
+        release.join()
+        blocker.close()
+
+
+class _Ticker:
+    """The longest the event loop went without running a task that sleeps 10 ms at a time."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+
+    async def run(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await anyio.sleep(0.01)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+
+async def test_sqlite_commit_waiting_for_another_process_lock_waits_in_the_thread_without_stalling_the_loop(
+    backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+    await backend.commit(Commit("s2", 0, {"a": "1"}), now=NOW)
+    ticker = _Ticker()
+    with _seeing(backend, monkeypatch) as seen:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker.run)
+            await anyio.sleep(0.05)
+            for commit in (Commit("s1", 1, {"a": "2"}), Commit("s2", 1, {"a": "2"}, clear=True)):
+                ticker.longest = 0.0
+                with _write_lock_held(backend.path, 0.2):
+                    started = time.monotonic()
+                    assert await backend.commit(commit, now=NOW) == 2
+                    waited = time.monotonic() - started
+                await anyio.sleep(0.03)  # the ticker's next wake-up measures a stall, if there was one
+                assert waited > 0.15, waited  # it did wait for the lock
+                assert ticker.longest < 0.1, ticker.longest  # ... and the loop kept running meanwhile
+            tg.cancel_scope.cancel()
+        on_loop, in_thread, hops = seen.take()
+    # refused at once on the loop, then run again in the thread: the one statement; the general
+    # path's transaction, from its first statement to its COMMIT
+    assert on_loop.count("WITH") == 1 and in_thread.count("WITH") == 1
+    assert in_thread[-4:] == ["UPDATE", "DELETE", "INSERT", "COMMIT"], in_thread
+    assert hops == 5
+    async with backend._transaction(write=False) as tx:
+        assert await tx.fetch("PRAGMA busy_timeout") == [(0,)]  # never waiting on the loop again
+    for sid in ("s1", "s2"):
+        record = await backend.load(sid, now=NOW)
+        assert record is not None and (record.version, record.values) == (2, {"a": "2"})
+
+
+async def test_sqlite_commit_cancelled_while_waiting_for_the_lock_leaves_no_transaction_open(
+    backend: SQLiteBackend,
+) -> None:
+    await backend.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+    conn = backend._conn
+    assert conn is not None
+    for commit in (Commit("s2", 0, {"a": "1"}), Commit("s1", 1, {"a": "2"})):  # a creation, an update
+        with _write_lock_held(backend.path, 0.2):
+            with anyio.move_on_after(0.05):
+                # waits in the thread for its first statement; cancelled at the next
+                await backend.commit_all([commit], now=NOW)
+                pytest.fail("the commit was not cancelled")
+        assert not conn.in_transaction and not backend._lock.locked()
+        assert conn.execute("PRAGMA busy_timeout").fetchone() == (0,)
+    assert await backend.load("s2", now=NOW) is None
+    other = sqlite3.connect(backend.path, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the write lock is free at once
+        other.rollback()
+    finally:
+        other.close()
+    assert await backend.commit(Commit("s1", 1, {"a": "3"}), now=NOW) == 2
+    assert await backend.commit(Commit("s2", 0, {"a": "1"}), now=NOW) == 1
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and record.values == {"a": "3"}
+
+
+async def test_sqlite_one_statement_commit_cancelled_in_the_thread_lands_whole_or_not_at_all(
+    backend: SQLiteBackend,
+) -> None:
+    await backend.commit(Commit("s1", 0, {"a": "1", "b": "1"}), now=NOW)
+    with _write_lock_held(backend.path, 0.2):
+        with anyio.move_on_after(0.05):
+            await backend.commit(Commit("s1", 1, {"a": "2", "b": None}), now=NOW)
+    record = await backend.load("s1", now=NOW)
+    assert record is not None and (record.version, record.values) in [(1, {"a": "1", "b": "1"}), (2, {"a": "2"})]
+    assert await backend.commit(Commit("s1", record.version, {"c": "1"}), now=NOW) == record.version + 1
+
+
+@pytest.mark.parametrize(("synchronous", "thread"), [("normal", []), ("full", ["WITH", "COMMIT"])])
+async def test_sqlite_commits_run_in_the_thread_exactly_when_they_wait_for_an_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str, thread: list[str]
+) -> None:
+    async with SQLiteBackend(tmp_path / "state.db", synchronous=synchronous) as b:  # type: ignore[arg-type]
+        await b.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+        with _seeing(b, monkeypatch) as seen:
+            assert await b.commit(Commit("s1", 1, {"a": "2"}), now=NOW) == 2  # one statement
+            assert await b.commit(Commit("s1", 2, {"a": "3"}, clear=True), now=NOW) == 3  # statements, COMMIT
+            record = await b.load("s1", now=NOW, known_version=3)
+            assert record is not None and record.values is None
+            on_loop, in_thread, hops = seen.take()
+    assert in_thread == thread
+    assert hops == len(thread)
+    assert on_loop[-1] == "SELECT"  # reads stay on the loop
+
+
+async def test_sqlite_log_is_checkpointed_in_the_thread_after_about_1000_pages(
+    backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await backend.commit(Commit("s1", 0, {"a": "0"}), now=NOW)
+    with _seeing(backend, monkeypatch) as seen:
+        for version in range(1, 401):  # 3 pages each, about 1200 in all
+            await backend.commit(Commit("s1", version, {"a": str(version)}), now=NOW)
+        on_loop, in_thread, hops = seen.take()
+    assert in_thread == ["PRAGMA"] and hops == 1
+    assert "PRAGMA" not in on_loop
+    conn = backend._conn
+    assert conn is not None
+    busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert frames < 1000 and busy == 0  # the log was restarted after the checkpoint
+
+
+# -- the change feed: PRAGMA data_version -----------------------------------------------------------
+
+
+class _Changes:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str | None, int | None]] = []
+
+    def __call__(self, session_id: str | None, version: int | None) -> None:
+        self.calls.append((session_id, version))
+
+    def take(self) -> list[tuple[str | None, int | None]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+async def test_sqlite_feed_reports_another_connections_commit_once_and_its_own_never(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    async with SQLiteBackend(path) as first, SQLiteBackend(path) as second:
+        changes = _Changes()
+        assert await first.watch(changes) is True
+        assert first.caught_up() and changes.take() == []
+        await second.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+        assert first.caught_up() and changes.take() == [(None, None)]
+        assert first.caught_up() and changes.take() == []  # once
+        # its own commits, deletes and sweeps: nothing, whichever path and thread they took
+        await first.commit(Commit("s2", 0, {"a": "1"}, expires_at=NOW + 1), now=NOW)
+        await first.commit(Commit("s2", 1, {"a": "2"}, expires_at=NOW + 1), now=NOW)
+        with _write_lock_held(path, 0.1):
+            await first.commit(Commit("s2", 2, {"a": "3"}, expires_at=NOW + 1), now=NOW)  # in the thread
+        assert [r.session_id for r in await first.take_expired(now=NOW + 1, limit=10)] == ["s2"]
+        await first.commit(Commit("s3", 0, {"a": "1"}), now=NOW)
+        assert await first.delete("s3")
+        assert first.caught_up() and changes.take() == []
+        # a change its own read has seen first is still reported
+        await second.commit(Commit("s1", 1, {"a": "2"}), now=NOW)
+        assert (await first.load("s1", now=NOW)).values == {"a": "2"}  # type: ignore[union-attr]
+        assert first.caught_up() and changes.take() == [(None, None)]
+        # a plain sqlite3 connection (another program) counts too
+        raw = sqlite3.connect(path)
+        try:
+            raw.execute("DELETE FROM concierge_sessions WHERE id = 's1'")
+            raw.commit()
+        finally:
+            raw.close()
+        assert first.caught_up() and changes.take() == [(None, None)]
+
+
+async def test_sqlite_feed_with_synchronous_full_reports_only_other_connections(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    async with SQLiteBackend(path, synchronous="full") as first, SQLiteBackend(path) as second:
+        changes = _Changes()
+        await first.watch(changes)
+        await first.commit(Commit("s1", 0, {"a": "1"}), now=NOW)  # its COMMIT runs in the thread
+        await first.commit(Commit("s1", 1, {"a": "2"}), now=NOW)  # the one statement too
+        assert first.caught_up() and changes.take() == []
+        await second.commit(Commit("s1", 2, {"a": "3"}), now=NOW)
+        assert first.caught_up() and changes.take() == [(None, None)]
+
+
+async def test_sqlite_not_caught_up_while_the_connection_is_busy_closed_or_unwatched(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    b = SQLiteBackend(path)
+    changes = _Changes()
+    assert not b.caught_up()  # never opened
+    async with b, SQLiteBackend(path) as other:
+        assert not b.caught_up()  # not watched
+        await b.watch(changes)
+        await other.commit(Commit("s1", 0, {"a": "1"}), now=NOW)
+        async with b._connection():  # a task is using the connection
+            assert not b.caught_up()
+        assert changes.take() == []
+        assert b.caught_up() and changes.take() == [(None, None)]  # delivered once it is idle
+    assert not b.caught_up()  # closed: the feed has ended
+    assert changes.take() == []
 
 
 async def test_sqlite_connections_switching_a_new_file_to_wal_at_once_all_open(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 `CONCIERGE_STATE_URL` (or `state_url=`):
 
 - unset, empty or `memory://` -> `MemoryBackend`
-- `sqlite:///relative.db`, `sqlite:////abs/path.db` -> `SQLiteBackend` (aiosqlite)
+- `sqlite:///relative.db`, `sqlite:////abs/path.db` -> `SQLiteBackend` (the standard `sqlite3` module)
 - `postgresql://...`, `postgres://...` -> `PostgresBackend` (asyncpg; the `postgres` extra)
 - `redis://...`, `rediss://...` -> `RedisBackend` (redis-py; the `redis` extra)
 """

@@ -1,10 +1,29 @@
-"""SQLite backend on aiosqlite: one file, shared safely by every process on the machine.
+"""SQLite backend on the standard `sqlite3` module: one file, shared safely by every process on the machine.
 
 One connection per backend, used by one task at a time (an anyio lock), in
 WAL mode so readers in other processes never block on a writer. Every write
-is a `BEGIN IMMEDIATE` transaction: it takes the file's write lock up front
-(waiting up to `busy_timeout` for another process), so two writers never
-deadlock upgrading a read lock, and migrations run one process at a time.
+is a `BEGIN IMMEDIATE` transaction: it takes the file's write lock up front,
+so two writers never deadlock upgrading a read lock, and migrations run one
+process at a time.
+
+Where statements run. In WAL mode a statement that does not wait for a lock
+takes microseconds - a commit with `synchronous=NORMAL` writes to the OS page
+cache and does not wait for the disk - less than a hop to a worker thread and
+back, so statements run on the event loop, with the connection's busy timeout
+at 0: SQLite then answers SQLITE_BUSY at once instead of waiting when another
+process holds the write lock (or a reader meets a checkpoint resetting the
+log). SQLite answers so only when a statement cannot take a lock, before it
+has changed anything, and in WAL mode only at a statement that starts a
+transaction or is one on its own. From that statement on, the transaction
+runs in a worker thread with the configured `busy_timeout`, which waits as
+SQLite itself would have waited, and the timeout goes back to 0 when it ends.
+What may block always runs in the thread: opening and closing the file,
+every commit with `synchronous="full"` (an fsync), and the WAL checkpoints.
+The automatic checkpoint, which can take milliseconds inside a commit, is off
+on the connection; the backend runs a PASSIVE checkpoint in the thread once
+its own commits have written about `_CHECKPOINT_PAGES` pages to the log.
+Reads still read the file: a page that is not in the OS cache is read from
+disk on the loop.
 
 Durability: by default the connection runs with `synchronous = NORMAL`, so a
 commit does not wait for an fsync; an acknowledged commit survives the server
@@ -14,12 +33,18 @@ consistent). `synchronous="full"` (or `?synchronous=full` in the URL) fsyncs
 every commit and makes it survive power loss too, at about one disk flush per
 call.
 
-Each awaited aiosqlite call is one round trip to the connection's thread, the
-main cost of a transaction, so statements are sent as few calls as possible:
-a read is one call, a write transaction's `BEGIN IMMEDIATE` travels with its
-first statement (see `_SQLiteTx`), and the commonest write - an update of a
-live session's keys, with no checkpoint - is a single statement, one call (see
-`_COMMIT_IN_ONE`).
+Statements are few per call: a read is one statement, and the commonest
+write - an update of a live session's keys, with no checkpoint - is a single
+statement (see `_COMMIT_IN_ONE`).
+
+The change feed (`watch`, `caught_up`): SQLite sends no notifications, but
+`PRAGMA data_version` on a connection changes exactly when another connection
+has committed to the file since it last looked - never for the connection's
+own commits. Every statement of the backend runs on its one connection, so
+`caught_up` polls that pragma on the loop and reports a change as
+`on_change(None, None)`: another process wrote, anything cached may be stale.
+The backend's own commits and deletes are not fed; the process that made
+them knows of them already.
 """
 
 from __future__ import annotations
@@ -29,19 +54,19 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import aiosqlite
 import anyio
+from anyio import to_thread
 
 from concierge.errors import ConfigurationError, StateUnavailableError
-from concierge.state._sql import SQLBackend, Tx, compact_json
-from concierge.state.base import UNCHANGED, Commit
+from concierge.state._sql import SQLBackend, compact_json
+from concierge.state.base import UNCHANGED, ChangeCallback, Commit
 
 __all__ = ["SQLiteBackend"]
 
@@ -51,11 +76,19 @@ logger = logging.getLogger("concierge")
 # opposed to a bug in a statement: BUSY, LOCKED, READONLY, IOERR, CORRUPT,
 # FULL, CANTOPEN, PERM, NOTADB.
 _UNAVAILABLE_CODES = {5, 6, 8, 10, 11, 13, 14, 3, 26}
+_WAITS = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 _FORMS = "sqlite:///relative/path.db (relative to the working directory) or sqlite:////absolute/path.db"
 _SYNCHRONOUS = ("normal", "full")
 _OPTIONS = "the only query parameter is synchronous=normal (the default) or synchronous=full"
+# SQLite's own automatic checkpoint runs at 1000 pages in the log; an update
+# of one key adds 3 (measured: the pages of the session row, the value row and
+# its primary key's index), each 4 KiB of bound text about one more.
+_CHECKPOINT_PAGES = 1000
+_PAGES_PER_COMMIT = 3
+_PAGE_BYTES = 4096
 
 Synchronous = Literal["normal", "full"]
+T = TypeVar("T")
 
 # The statements before which Python's sqlite3 module opens the transaction
 # itself (with the connection's isolation level), within the same call. This
@@ -64,14 +97,13 @@ Synchronous = Literal["normal", "full"]
 _OPENS_TRANSACTION = re.compile(r"[ \t\r\n]*(?:insert|update|delete|replace)", re.IGNORECASE)
 
 
-# The version check, the bump and the changed keys as one statement, so that
-# an update is one call to the connection's thread instead of three
-# (statement, statement, COMMIT). SQLite has no data-modifying CTEs, so the
-# statement is an INSERT into a view whose INSTEAD OF trigger does the work.
-# Both are TEMP, created on each connection: nothing is added to the file's
-# schema, and a TEMP trigger may write the main database's tables (unqualified
-# names resolve to them, as no TEMP table shares their names). The
-# RAISE(ABORT) undoes the whole statement, trigger included.
+# The version check, the bump and the changed keys as one statement instead
+# of three (statement, statement, COMMIT). SQLite has no data-modifying CTEs,
+# so the statement is an INSERT into a view whose INSTEAD OF trigger does the
+# work. Both are TEMP, created on each connection: nothing is added to the
+# file's schema, and a TEMP trigger may write the main database's tables
+# (unqualified names resolve to them, as no TEMP table shares their names).
+# The RAISE(ABORT) undoes the whole statement, trigger included.
 _COMMIT_VIEW = (
     "CREATE TEMP VIEW IF NOT EXISTS concierge_commit"
     " (session_id, expected, now, expires_at, stage_given, stage, removed, written)"
@@ -95,7 +127,7 @@ _COMMIT_TRIGGER = (
 # before it (it does so only before INSERT, UPDATE, DELETE and REPLACE): the
 # statement runs on its own in autocommit mode, atomically, and commits as it
 # ends. A write statement asks for the write lock before it reads anything,
-# waiting out `busy_timeout` like `BEGIN IMMEDIATE` does.
+# as `BEGIN IMMEDIATE` does.
 _COMMIT_IN_ONE = (
     "WITH commit_row AS (SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) INSERT INTO concierge_commit SELECT * FROM commit_row"
 )
@@ -107,8 +139,26 @@ def _prepare(sql: str) -> tuple[str, bool]:
     return re.sub(r"\$(\d+)", r"?\1", sql), _OPENS_TRANSACTION.match(sql) is not None
 
 
+def _fetchall(conn: sqlite3.Connection, text: str, args: Sequence[Any]) -> list[Any]:
+    return conn.execute(text, args).fetchall()
+
+
+def _chars(args: Sequence[Any]) -> int:
+    return sum(len(arg) for arg in args if type(arg) is str)
+
+
+class _Opened(NamedTuple):
+    """A connection ready for use, as the worker thread hands it to the loop."""
+
+    conn: sqlite3.Connection
+    wal: bool
+    synchronous: Synchronous
+    one_statement: bool
+    data_version: int
+
+
 class _SQLiteTx:
-    """The statements of one `_begin`, each one awaited aiosqlite call.
+    """The statements of one `_begin`: on the event loop until SQLite would make one wait, then in the thread.
 
     The connection's isolation level is IMMEDIATE, so the sqlite3 module sends
     `BEGIN IMMEDIATE` itself, in the same call, before the first INSERT,
@@ -118,33 +168,60 @@ class _SQLiteTx:
     is its own snapshot.
     """
 
-    __slots__ = ("_conn", "_write", "began")
+    __slots__ = ("_backend", "_conn", "_write", "began", "threaded", "written")
 
-    def __init__(self, conn: aiosqlite.Connection, *, write: bool) -> None:
+    def __init__(self, backend: SQLiteBackend, conn: sqlite3.Connection, *, write: bool) -> None:
+        self._backend = backend
         self._conn = conn
         self._write = write
         #: A transaction may be open: it must end with COMMIT or ROLLBACK.
         self.began = False
+        #: The rest of the transaction runs in the worker thread, with the configured busy timeout.
+        self.threaded = False
+        #: Characters of text bound to this transaction's write statements: what it adds to the log.
+        self.written = 0
+
+    async def run(self, call: Callable[..., T], *args: Any, blocks: bool = False) -> T:
+        """`call(*args)` on the connection: on the loop, unless it `blocks` or SQLite would make it wait.
+
+        SQLite answers SQLITE_BUSY (or LOCKED) only when a statement could not
+        take a lock, before the statement changed anything; a busy handler
+        would wait and try it again. So would the thread: the statement is run
+        there again, and so is every later one of this transaction.
+        """
+        if not (blocks or self.threaded):
+            try:
+                return call(*args)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _WAITS:
+                    raise
+        if not self.threaded:
+            self.threaded = True
+            self._conn.execute(f"PRAGMA busy_timeout = {self._backend._busy_ms}")  # sets a field: no I/O
+        return await to_thread.run_sync(call, *args, limiter=self._backend._limiter)
+
+    def settle(self) -> None:
+        """Back to never waiting on the loop, before the connection is handed to the next task."""
+        if self.threaded:
+            self._conn.execute("PRAGMA busy_timeout = 0")
 
     async def _start(self, opens: bool) -> None:
-        self.began = True  # before the await: a cancelled call may still open it
+        self.began = True  # before running it: a failure may still leave it open
         if not opens:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            await self.run(self._conn.execute, "BEGIN IMMEDIATE")
 
     async def fetch(self, sql: str, *args: Any) -> Sequence[Sequence[Any]]:
         text, opens = _prepare(sql)
         if not self.began and (opens or self._write):
             await self._start(opens)
-        return await self._conn.execute_fetchall(text, args)  # type: ignore[return-value]
+        return await self.run(_fetchall, self._conn, text, args)
 
     async def execute(self, sql: str, *args: Any) -> int:
         text, opens = _prepare(sql)
         if not self.began and (opens or self._write):
             await self._start(opens)
-        # Not closed through the thread: a statement that returns no rows is
-        # reset and released by sqlite3 as soon as it has run.
-        cursor = await self._conn.execute(text, args)
-        return max(cursor.rowcount, 0)
+        self.written += _chars(args)
+        return max((await self.run(self._conn.execute, text, args)).rowcount, 0)
 
     async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
@@ -152,10 +229,17 @@ class _SQLiteTx:
         text, opens = _prepare(sql)
         if not self.began and (opens or self._write):
             await self._start(opens)
+        self.written += sum(_chars(row) for row in rows)
         if len(rows) == 1:
-            await self._conn.execute(text, rows[0])
+            await self.run(self._conn.execute, text, rows[0])
         else:
-            await self._conn.executemany(text, rows)
+            await self.run(self._conn.executemany, text, rows)
+
+    async def execute_alone(self, text: str, args: Sequence[Any]) -> None:
+        """Run a write statement that commits on its own (autocommit), and count it as a commit."""
+        self.written += _chars(args)
+        await self.run(self._conn.execute, text, args, blocks=self._backend._flushes)
+        self._backend._unchecked += _PAGES_PER_COMMIT + self.written // _PAGE_BYTES
 
 
 class SQLiteBackend(SQLBackend):
@@ -191,10 +275,21 @@ class SQLiteBackend(SQLBackend):
         self.path = Path(os.path.abspath(path))  # fixed now: a later chdir must not move the store
         self.busy_timeout = busy_timeout
         self.synchronous: Synchronous = level
-        self._conn: aiosqlite.Connection | None = None
+        self._busy_ms = int(busy_timeout * 1000)
+        self._conn: sqlite3.Connection | None = None
         self._lock = anyio.Lock(fast_acquire=True)
+        # The connection's own: it never waits behind other work in anyio's shared thread pool.
+        self._limiter = anyio.CapacityLimiter(1)
         #: Whether this connection has `_COMMIT_IN_ONE`'s view and trigger.
         self._one_statement = False
+        #: Whether commits run in the thread: they wait for an fsync (`synchronous = FULL` in effect).
+        self._flushes = False
+        #: Whether the file is in WAL mode, whose checkpoints the backend runs itself.
+        self._wal = False
+        #: Pages this connection's commits added to the log since its last checkpoint (an estimate).
+        self._unchecked = 0
+        self._on_change: ChangeCallback | None = None
+        self._data_version = 0
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteBackend:
@@ -257,6 +352,7 @@ class SQLiteBackend(SQLBackend):
     def _is_unavailable(exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _UNAVAILABLE_CODES
 
+    # -- the connection ------------------------------------------------------------
     async def _connect(self) -> None:
         if self._conn is not None:
             return
@@ -270,46 +366,70 @@ class SQLiteBackend(SQLBackend):
                 f"{self._where()} is not readable and writable by this process (read-only file?); "
                 "fix its permissions or point CONCIERGE_STATE_URL elsewhere"
             )
+        try:
+            # Not abandoned when cancelled: the call returns the connection, and the
+            # cancellation arrives at the next checkpoint, after it is stored.
+            opened = await to_thread.run_sync(self._open_connection, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            if self._is_unavailable(exc):
+                raise self._unavailable(exc) from exc
+            raise
+        self._conn = opened.conn
+        self._wal = opened.wal
+        self._flushes = opened.synchronous == "full"
+        self._one_statement = opened.one_statement
+        self._data_version = opened.data_version
+        self._unchecked = 0
+
+    def _open_connection(self) -> _Opened:
+        """Open and set up the connection (in the worker thread: this waits for other processes)."""
         # The sqlite3 module's own transaction handling, pinned where Python
         # lets it be chosen: `_SQLiteTx` relies on its implicit BEGIN IMMEDIATE.
         legacy = getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", None)
         options: dict[str, Any] = {} if legacy is None else {"autocommit": legacy}
         try:
-            conn = await aiosqlite.connect(self.path, isolation_level="IMMEDIATE", timeout=self.busy_timeout, **options)
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level="IMMEDIATE",
+                timeout=self.busy_timeout,
+                check_same_thread=False,  # used by one task at a time, on the loop or in the thread
+                **options,
+            )
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
         try:
-            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            await conn.execute("PRAGMA foreign_keys = ON")  # the values table cascades on delete
-            row = await self._enable_wal(conn)
+            conn.execute("PRAGMA foreign_keys = ON")  # the values table cascades on delete
+            row = self._enable_wal(conn)
+            wal = row is not None and str(row[0]).lower() == "wal"
             synchronous = self.synchronous
-            if row is None or str(row[0]).lower() != "wal":
+            if not wal:
                 logger.warning("%s: journal mode is %s, not WAL", self._where(), row[0] if row else "unknown")
                 synchronous = "full"  # NORMAL is only crash-safe with WAL
-            await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-            self._one_statement = await self._create_commit_trigger(conn)
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await conn.close()
-            if isinstance(exc, sqlite3.Error) and self._is_unavailable(exc):
-                raise self._unavailable(exc) from exc
+            conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            if wal:
+                conn.execute("PRAGMA wal_autocheckpoint = 0")  # `_checkpoint_log` runs them, in the thread
+            one_statement = self._create_commit_trigger(conn)
+            (data_version,) = conn.execute("PRAGMA data_version").fetchone()
+            conn.execute("PRAGMA busy_timeout = 0")  # on the loop it never waits; `_SQLiteTx.run` sets it
+        except BaseException:
+            conn.close()
             raise
-        self._conn = conn
+        return _Opened(conn, wal, synchronous, one_statement, data_version)
 
-    async def _create_commit_trigger(self, conn: aiosqlite.Connection) -> bool:
+    def _create_commit_trigger(self, conn: sqlite3.Connection) -> bool:
         """Create `_COMMIT_IN_ONE`'s view and trigger on `conn`; False when this SQLite has no `json_each`."""
         try:
-            await conn.execute_fetchall("SELECT count(*) FROM json_each('[]')")
+            conn.execute("SELECT count(*) FROM json_each('[]')").fetchall()
         except sqlite3.OperationalError:
             logger.info(
-                "%s: SQLite %s has no JSON functions; commits take 3 calls", self._where(), sqlite3.sqlite_version
+                "%s: SQLite %s has no JSON functions; commits take 3 statements", self._where(), sqlite3.sqlite_version
             )
             return False
-        await conn.execute(_COMMIT_VIEW)
-        await conn.execute(_COMMIT_TRIGGER)
+        conn.execute(_COMMIT_VIEW)
+        conn.execute(_COMMIT_TRIGGER)
         return True
 
-    async def _enable_wal(self, conn: aiosqlite.Connection) -> Any:
+    def _enable_wal(self, conn: sqlite3.Connection) -> Any:
         """Switch the file to WAL, retrying while another process holds it.
 
         SQLite answers SQLITE_BUSY to this pragma at once, without waiting out
@@ -320,25 +440,26 @@ class SQLiteBackend(SQLBackend):
         delay = 0.001
         while True:
             try:
-                rows = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
-                return next(iter(rows), None)
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()
             except sqlite3.OperationalError as exc:
                 code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-                if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or time.monotonic() > deadline:
+                if code not in _WAITS or time.monotonic() > deadline:
                     raise
-            await anyio.sleep(delay)
+            time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
     async def _disconnect(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.close()
-            except sqlite3.Error:
-                logger.warning("%s: error while closing", self._where(), exc_info=True)
+        self._on_change = None  # the feed ends with close
+        async with self._lock:  # after the transaction under way, if any
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:  # the last connection to close checkpoints the log: in the thread
+                    await to_thread.run_sync(conn.close, limiter=self._limiter)
+                except sqlite3.Error:
+                    logger.warning("%s: error while closing", self._where(), exc_info=True)
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _connection(self) -> AsyncIterator[sqlite3.Connection]:
         """The connection, this task's alone; driver errors that mean the file is unusable as `StateUnavailableError`."""
         async with self._lock:
             conn = self._conn
@@ -352,24 +473,76 @@ class SQLiteBackend(SQLBackend):
                 raise
 
     @asynccontextmanager
-    async def _begin(self, *, write: bool) -> AsyncIterator[Tx]:
+    async def _begin(self, *, write: bool) -> AsyncIterator[_SQLiteTx]:
         async with self._connection() as conn:
-            tx = _SQLiteTx(conn, write=write)
+            tx = _SQLiteTx(self, conn, write=write)
             try:
                 yield tx
                 if tx.began:
-                    await conn.execute("COMMIT")
+                    await tx.run(conn.commit, blocks=self._flushes)
+                    self._unchecked += _PAGES_PER_COMMIT + tx.written // _PAGE_BYTES
             except BaseException:
                 if tx.began:
+                    # On the loop this cannot be interrupted; in the thread it is not abandoned.
                     with anyio.CancelScope(shield=True):
                         try:
-                            await conn.rollback()  # a no-op when no transaction is open
+                            await tx.run(conn.rollback)  # a no-op when no transaction is open
                         except sqlite3.Error:  # keep the error that got us here
                             logger.warning("%s: rollback failed", self._where(), exc_info=True)
                 raise
+            finally:
+                tx.settle()
+            await self._checkpoint_log(conn)
 
+    async def _checkpoint_log(self, conn: sqlite3.Connection) -> None:
+        """Copy the log back into the file once this connection's commits have grown it by about 1000 pages.
+
+        PASSIVE: it waits for no reader or writer and leaves what they still
+        need. In the thread, and shielded: the commit before it has landed, so
+        its caller must hear so.
+        """
+        if not self._wal or self._unchecked < _CHECKPOINT_PAGES:
+            return
+        self._unchecked = 0
+        with anyio.CancelScope(shield=True):
+            try:
+                await to_thread.run_sync(_fetchall, conn, "PRAGMA wal_checkpoint(PASSIVE)", (), limiter=self._limiter)
+            except sqlite3.Error:  # another connection's checkpoint is under way: the next one catches up
+                logger.debug("%s: checkpoint skipped", self._where(), exc_info=True)
+
+    # -- the change feed -------------------------------------------------------------
+    async def watch(self, on_change: ChangeCallback) -> bool:
+        """As `StateBackend.watch`, polled: `caught_up` reports other processes' commits as `on_change(None, None)`.
+
+        This backend's own commits and deletes are not fed: the process that
+        made them knows of them already.
+        """
+        self._on_change = on_change
+        return True
+
+    def caught_up(self) -> bool:
+        """As `StateBackend.caught_up`: polls `PRAGMA data_version` on the loop (microseconds) when the connection is idle.
+
+        When another connection committed to the file since the last poll,
+        calls `on_change(None, None)` first. `False` while a task is using the
+        connection, when it is closed, without `watch`, or when the poll
+        fails.
+        """
+        conn, on_change = self._conn, self._on_change
+        if conn is None or on_change is None or self._lock.locked():
+            return False
+        try:
+            (version,) = conn.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error:  # BUSY included: it never waits here
+            return False
+        if version != self._data_version:
+            self._data_version = version
+            on_change(None, None)
+        return True
+
+    # -- the contract ------------------------------------------------------------------
     async def commit(self, commit: Commit, *, now: float) -> int:
-        """As `StateBackend.commit`; an update of a live session's keys is one statement, one call.
+        """As `StateBackend.commit`; an update of a live session's keys is one statement.
 
         A creation, a clear or a commit that records a checkpoint takes the
         general path, a transaction of several statements.
@@ -389,8 +562,8 @@ class SQLiteBackend(SQLBackend):
             compact_json({key: value for key, value in commit.changes.items() if value is not None}),
         )
         try:
-            async with self._connection() as conn:
-                await conn.execute(_COMMIT_IN_ONE, args)
+            async with self._begin(write=False) as tx:  # the statement is its own transaction
+                await tx.execute_alone(_COMMIT_IN_ONE, args)
         except sqlite3.IntegrityError as exc:
             if _CONFLICT_MARK not in str(exc):
                 raise
