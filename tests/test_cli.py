@@ -354,14 +354,8 @@ def _venv_seeing_this_environment(venv: Path, wheel: Path) -> str:
     return python
 
 
-@pytest.mark.anyio
-async def test_wheel_install_bundles_the_examples_and_serves_them(tmp_path: Path, outside: Path) -> None:
-    """A non-editable install finds its examples inside the package (`concierge/examples`).
-
-    Offline, in a venv or not: the wheel is built by this interpreter with the
-    hatchling installed here (no build isolation, no index), and the venv it
-    goes into borrows this interpreter's packages for concierge's dependencies.
-    """
+def _build_wheel(tmp_path: Path) -> Path:
+    """The wheel of this checkout, built offline by this interpreter with the hatchling installed here."""
     if importlib.util.find_spec("hatchling") is None or importlib.util.find_spec("pip") is None:
         pytest.skip("pip and hatchling (the build backend) are needed to build the wheel offline")
     wheels = tmp_path / "wheels"
@@ -385,6 +379,18 @@ async def test_wheel_install_bundles_the_examples_and_serves_them(tmp_path: Path
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("concierge-*.whl")
+    return wheel
+
+
+@pytest.mark.anyio
+async def test_wheel_install_bundles_the_examples_and_serves_them(tmp_path: Path, outside: Path) -> None:
+    """A non-editable install finds its examples inside the package (`concierge/examples`).
+
+    Offline, in a venv or not: the wheel is built by this interpreter with the
+    hatchling installed here (no build isolation, no index), and the venv it
+    goes into borrows this interpreter's packages for concierge's dependencies.
+    """
+    wheel = _build_wheel(tmp_path)
     venv = tmp_path / "venv"
     python = _venv_seeing_this_environment(venv, wheel)
     where = subprocess.run(
@@ -401,3 +407,27 @@ async def test_wheel_install_bundles_the_examples_and_serves_them(tmp_path: Path
     assert listing.returncode == 0, listing.stderr
     assert all(f"  {name} " in listing.stdout for name in EXAMPLES)
     await _shop_round_trip(_stdio(python, outside), "legacy")
+
+
+@pytest.mark.anyio
+async def test_uvx_from_the_built_wheel_serves_the_shop_over_stdio(tmp_path: Path, outside: Path) -> None:
+    """`uvx --from <wheel> concierge shop`, as docs/clients.md gives it to Claude Code and Claude Desktop.
+
+    uv (a dev dependency) puts the wheel and its dependencies, resolved from
+    PyPI into a cache of this test's own, in a throwaway environment on this
+    interpreter's Python (it downloads no Python).
+    """
+    from uv import find_uv_bin
+
+    uvx = Path(find_uv_bin()).with_name("uvx")
+    assert uvx.is_file(), f"uv installs uvx beside {find_uv_bin()}"
+    wheel = _build_wheel(tmp_path)
+    env = {**_env(), "UV_CACHE_DIR": str(tmp_path / "uv-cache"), "UV_PYTHON_DOWNLOADS": "never", "UV_NO_CONFIG": "1"}
+    command = [str(uvx), "--python", sys.executable, "--from", str(wheel), "concierge"]
+    with anyio.fail_after(300):  # the first run installs; the servers below start from the cache
+        listing = await anyio.run_process(command, cwd=outside, env=env, check=False)
+    assert listing.returncode == 0, listing.stderr.decode(errors="replace")
+    assert all(f"  {name} " in listing.stdout.decode() for name in EXAMPLES)
+    params = StdioServerParameters(command=command[0], args=[*command[1:], "shop"], env=env, cwd=str(outside))
+    for mode in ("legacy", "auto"):
+        await _shop_round_trip(params, mode)
