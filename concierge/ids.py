@@ -12,6 +12,7 @@ Every record a store holds has a storage id whose prefix says where it came from
 | `user:<principal>`    | the `user` scope of one caller, shared by all their sessions  |
 | `global`              | the `global` scope, shared by everyone                        |
 | `wire:<id>`           | what a legacy HTTP session negotiated, so another process can serve it |
+| `caller:<who>`        | the sessions one network caller holds (its principal, or `addr:<host>`), for its cap |
 | `secrets`             | the key that signs session handles, shared by every process on the store |
 
 Because the origin is part of the id, a handle can never name a session keyed
@@ -23,6 +24,7 @@ from __future__ import annotations
 from typing import Literal
 
 __all__ = [
+    "CALLER",
     "CONN",
     "ENDED",
     "GLOBAL",
@@ -37,6 +39,7 @@ __all__ = [
     "WIRE",
     "Kind",
     "bucket",
+    "caller",
     "closes_with_connection",
     "companion",
     "handle_of",
@@ -52,6 +55,7 @@ STDIO = "stdio:"
 CONN = "conn:"
 USER = "user:"
 WIRE = "wire:"
+CALLER = "caller:"
 GLOBAL = "global"
 """The storage id of the one bucket every caller shares (it has no suffix)."""
 SECRETS = "secrets"
@@ -62,9 +66,10 @@ ENDED = "concierge/ended"
 SESSION_PREFIXES = (HANDLE, HTTP, SSE, STDIO, CONN)
 """The prefixes of sessions, one per origin."""
 
-Kind = Literal["session", "user", "global", "wire", "secrets"]
-KINDS: tuple[Kind, ...] = ("session", "user", "global", "wire", "secrets")
-"""What a stored record is: a session, a user bucket, the global bucket, a wire record, or the secrets."""
+Kind = Literal["session", "user", "global", "wire", "caller", "secrets"]
+KINDS: tuple[Kind, ...] = ("session", "user", "global", "wire", "caller", "secrets")
+"""What a stored record is: a session, a user bucket, the global bucket, a wire record, a caller's
+sessions, or the secrets."""
 
 
 def kind_of(storage_id: str) -> Kind:
@@ -73,6 +78,8 @@ def kind_of(storage_id: str) -> Kind:
         return "user"
     if storage_id.startswith(WIRE):
         return "wire"
+    if storage_id.startswith(CALLER):
+        return "caller"
     if storage_id == GLOBAL:
         return "global"
     if storage_id == SECRETS:
@@ -86,6 +93,11 @@ def bucket(scope: Literal["user", "global"], principal: str | None) -> str:
         return GLOBAL
     assert principal is not None, "a user bucket needs a principal"
     return USER + principal
+
+
+def caller(who: str) -> str:
+    """The storage id of the record counting the sessions of caller `who`: `caller:<who>`."""
+    return CALLER + who
 
 
 def handle_of(storage_id: str) -> str | None:
@@ -112,6 +124,6 @@ def is_local(storage_id: str) -> bool:
 
 def lookup_ids(given: str) -> list[str]:
     """The storage ids an operator's `given` id may mean: itself, and for a bare handle `h:<handle>` after it."""
-    if given in (GLOBAL, SECRETS) or given.startswith((*SESSION_PREFIXES, USER, WIRE)):
+    if given in (GLOBAL, SECRETS) or given.startswith((*SESSION_PREFIXES, USER, WIRE, CALLER)):
         return [given]
     return [given, HANDLE + given]

@@ -250,13 +250,14 @@ def match_sessions(records: dict[str, SessionRecord], tracks: list[Track], known
 
     Sessions must never mix items of two tracks; a session of a track in `known`
     but not in `tracks` (an earlier round) is left out, and so are the `wire:`
-    records that describe legacy sessions and the `secrets` record holding the
-    key that signs handles (they hold no state of a tool).
+    records that describe legacy sessions, the `caller:` records counting a
+    caller's sessions and the `secrets` record holding the key that signs
+    handles (they hold no state of a tool).
     """
     by_tag = {t.tag: t for t in tracks}
     found: dict[str, SessionRecord] = {}
     for sid, record in records.items():
-        if sid.startswith("wire:") or sid == "secrets":
+        if sid.startswith(("wire:", "caller:")) or sid == "secrets":
             continue
         tags = {item.rsplit("-", 1)[0] for item in cart_of(record)}
         assert len(tags) == 1, f"session {sid} holds items of {sorted(tags) or 'no track'}: {cart_of(record)}"

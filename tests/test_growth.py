@@ -95,7 +95,8 @@ async def test_writing_calls_that_start_sessions_are_refused_past_the_documented
         for result in kept[:3]:  # the sessions within the limit work on
             again = await client.call_tool("add_to_cart", {"item": "y", "session_id": handle_of(result)})
             assert payload(again)["cart"] == ["x", "y"]
-        assert await _rows(persistent_state_url) == before + len(kept)  # only those, nothing else touched
+        # Only those, and the record counting this caller's live sessions (max_live_sessions_per_caller).
+        assert await _rows(persistent_state_url) == before + len(kept) + 1
 
 
 async def test_a_handle_issued_before_a_restart_resolves_after_it_written_or_not(persistent_state_url: str) -> None:

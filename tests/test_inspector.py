@@ -278,6 +278,7 @@ def test_list_takes_every_kind_of_stored_id_as_a_scope(run: Store) -> None:
         "user": ["user:alice"],
         "global": ["global"],
         "wire": [],
+        "caller": [],
         "secrets": [],
     }
 

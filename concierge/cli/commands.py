@@ -21,7 +21,7 @@ __all__ = ["COMMANDS"]
 Command = Callable[[StateBackend, argparse.Namespace, float], Awaitable[str]]
 
 #: The kinds whose records all share one storage-id prefix, so the store itself can filter them.
-_PREFIX_OF: dict[ids.Kind, str] = {"user": ids.USER, "wire": ids.WIRE}
+_PREFIX_OF: dict[ids.Kind, str] = {"user": ids.USER, "wire": ids.WIRE, "caller": ids.CALLER}
 
 
 async def _list(backend: StateBackend, args: argparse.Namespace, now: float) -> str:

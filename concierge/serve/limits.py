@@ -16,10 +16,23 @@ from mcp.server.context import ServerRequestContext
 
 from concierge import identity
 
-__all__ = ["StartLimit"]
+__all__ = ["StartLimit", "caller_of"]
 
 _TRACKED_AT_MOST = 10_000
 """Callers whose recent starts are remembered; the least recently seen is forgotten past it."""
+
+
+def caller_of(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    """Who the per-caller limits count a request against: its authenticated principal, else its client
+    address (`addr:<host>`) on unauthenticated HTTP; `None` on a connection local to this machine (stdio,
+    in-process), which is not limited."""
+    if ctx.request is None:
+        return None
+    who = identity.principal()
+    if who is None:
+        client = getattr(ctx.request, "client", None)
+        who = "addr:" + (getattr(client, "host", None) or "unknown")
+    return who
 
 
 class StartLimit:
@@ -35,12 +48,11 @@ class StartLimit:
 
     def start(self, ctx: ServerRequestContext[Any, Any]) -> str | None:
         """Count one new session for this request's caller; the refusal message when over the limit."""
-        if self.per_minute is None or ctx.request is None:
+        if self.per_minute is None:
             return None
-        who = identity.principal()
+        who = caller_of(ctx)
         if who is None:
-            client = getattr(ctx.request, "client", None)
-            who = "addr:" + (getattr(client, "host", None) or "unknown")
+            return None
         now = self.clock()
         starts = self._starts.pop(who, None) or deque()
         while starts and starts[0] <= now - 60:

@@ -3,7 +3,7 @@
 Run by file path:
 
     python tests/servers/cart_server.py stdio
-    python tests/servers/cart_server.py streamable-http PORT [--stateless] [--no-roaming]
+    python tests/servers/cart_server.py streamable-http PORT [--stateless] [--no-roaming] [--max-live-sessions N]
     python tests/servers/cart_server.py sse PORT
 
 The state store comes from `CONCIERGE_STATE_URL` (memory when unset). Every
@@ -21,8 +21,14 @@ import anyio
 
 from concierge import Concierge
 
-# `--no-roaming` turns off serving legacy HTTP session ids across restarts (tests/test_roaming.py).
-app = Concierge("cart-server", roaming=False if "--no-roaming" in sys.argv else None)
+# `--no-roaming` turns off serving legacy HTTP session ids across restarts (tests/test_roaming.py);
+# `--max-live-sessions N` sets max_live_sessions_per_caller (tests/test_live_cap.py).
+_LIVE = sys.argv[sys.argv.index("--max-live-sessions") + 1] if "--max-live-sessions" in sys.argv else None
+app = Concierge(
+    "cart-server",
+    roaming=False if "--no-roaming" in sys.argv else None,
+    **({"max_live_sessions_per_caller": int(_LIVE)} if _LIVE is not None else {}),
+)
 
 
 @app.tool()
@@ -75,6 +81,7 @@ def main() -> None:
     parser.add_argument("port", type=int, nargs="?", default=0)
     parser.add_argument("--stateless", action="store_true")
     parser.add_argument("--no-roaming", action="store_true")
+    parser.add_argument("--max-live-sessions", type=int)
     args = parser.parse_args()
     if args.transport == "stdio":
         app.run()
