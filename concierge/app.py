@@ -23,6 +23,7 @@ from concierge._sdk import enable_roaming
 from concierge.checkpoints import CheckpointMethods
 from concierge.config import (
     DEFAULT_MAX_KEYS,
+    DEFAULT_MAX_LIVE_SESSIONS,
     DEFAULT_MAX_SESSION_BYTES,
     DEFAULT_MAX_VALUE_BYTES,
     DEFAULT_NEW_SESSIONS_PER_MINUTE,
@@ -35,9 +36,11 @@ from concierge.errors import ConfigurationError
 from concierge.handles import HandleSigner, signer_for
 from concierge.lifecycle import HookMethods, Lifecycle
 from concierge.live import LiveMethods, LiveObjects, session_of
+from concierge.request_state import SharedKeys, derived
 from concierge.roaming import Roaming
 from concierge.serve import BUILTINS, SESSION_ARG, Middleware, Runtime, builtin_tools
 from concierge.serve.health import DEFAULT_HEALTH_TIMEOUT, health_endpoint
+from concierge.serve.held import HeldSessions
 from concierge.serve.limits import StartLimit
 from concierge.stages import StageGraph
 from concierge.state import StateBackend
@@ -86,9 +89,23 @@ class Concierge(LiveMethods, HookMethods, CheckpointMethods, MCPServer[Any]):
         handle_keys: keys that sign session handles (the first signs, all
             verify); default `CONCIERGE_HANDLE_KEYS`, else a key kept in the
             store (shared by every replica), else one per process (memory).
+        request_state_keys: keys that seal the `requestState` of multi-round
+            requests on the 2026-07-28 wire (elicitation, sampling), so the
+            client's next round may reach any replica: the first seals, all
+            unseal; each at least 32 bytes; needs a named app (the name is the
+            audience sealed in). Default `CONCIERGE_REQUEST_STATE_KEYS`, else,
+            on a persistent store, keys derived from the handle keys (the
+            store's, shared by every replica, unless `handle_keys` are given),
+            else the SDK's key of the process (memory). The SDK's own
+            `request_state_security=`, if given, is left as it is.
         max_new_sessions_per_minute: sessions one caller (principal, or client
             address on unauthenticated HTTP) may start per minute in this
             process; `None`: no limit. Default 120.
+        max_live_sessions_per_caller: live sessions one such caller may hold,
+            counted in the store (so across processes and restarts); a call
+            that would start one more is refused, nothing saved, until one
+            ends (`end_session`) or expires. Connections local to the machine
+            are not limited. `None`: no limit. Default 1000.
         max_keys_per_session, max_session_bytes: how many keys, and how many
             bytes of JSON, one session (or shared bucket) may hold; a call that
             would go past either is refused, nothing saved. Defaults 10,000 and 16 MB.
@@ -124,7 +141,9 @@ class Concierge(LiveMethods, HookMethods, CheckpointMethods, MCPServer[Any]):
         on_conflict: OnConflict = "error",
         handles: Handles = "required",
         handle_keys: str | bytes | list[str | bytes] | None = None,
+        request_state_keys: str | bytes | list[str | bytes] | None = None,
         max_new_sessions_per_minute: int | None = DEFAULT_NEW_SESSIONS_PER_MINUTE,
+        max_live_sessions_per_caller: int | None = DEFAULT_MAX_LIVE_SESSIONS,
         max_keys_per_session: int | None = DEFAULT_MAX_KEYS,
         max_session_bytes: int | None = DEFAULT_MAX_SESSION_BYTES,
         roaming: bool | None = None,
@@ -150,7 +169,10 @@ class Concierge(LiveMethods, HookMethods, CheckpointMethods, MCPServer[Any]):
             on_conflict=on_conflict,
             handles=handles,
             handle_keys=handle_keys,
+            request_state_keys=request_state_keys,
+            sdk_request_state=kwargs.get("request_state_security") is not None,
             max_new_sessions_per_minute=max_new_sessions_per_minute,
+            max_live_sessions_per_caller=max_live_sessions_per_caller,
             max_keys_per_session=max_keys_per_session,
             max_session_bytes=max_session_bytes,
         )
@@ -185,6 +207,7 @@ class Concierge(LiveMethods, HookMethods, CheckpointMethods, MCPServer[Any]):
             roams,
             handles=settings.handles,
             limits=StartLimit(settings.max_new_sessions_per_minute, settings.clock),
+            held=HeldSessions(settings.max_live_sessions_per_caller, self._store),
             signer=HandleSigner(settings.handle_keys) if settings.handle_keys else None,
         )
         self._user_lifespan = lifespan
@@ -192,6 +215,13 @@ class Concierge(LiveMethods, HookMethods, CheckpointMethods, MCPServer[Any]):
         self.transitions: dict[str, list[str]] | None = None
         self._fn_names: dict[int, str] = {}
         self._stage_fns: list[tuple[str, Callable[..., Any]]] = []
+        self._sealer: SharedKeys | None = None
+        if not settings.sdk_request_state:
+            self._sealer = SharedKeys.for_app(
+                settings.request_state_keys, persistent=settings.backend.persistent, name=name
+            )
+            if self._sealer is not None:
+                kwargs["request_state_security"] = self._sealer.security(name)
         super().__init__(name, *args, lifespan=self._lifespan, **kwargs)
         self._rt.authenticated = self.settings.auth is not None
         self.middleware.append(Middleware(self._rt))
@@ -374,6 +404,8 @@ class Concierge(LiveMethods, HookMethods, CheckpointMethods, MCPServer[Any]):
         async with self._lifecycle.serving(self._settings.sweep_interval):
             if self._rt.signer is None:
                 self._rt.signer = await signer_for(self._store)
+            if self._sealer is not None and not self._sealer.ready:  # from the handle keys: known only now
+                self._sealer.install(derived(self._rt.signer.keys))
             if self._user_lifespan is None:
                 yield {}
             else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
+from concierge import request_state
 from concierge.errors import ConfigurationError
 from concierge.handles import keys_from
 from concierge.state import ENV_STATE_URL, StateBackend, backend_from_url
@@ -26,6 +27,7 @@ ENV_TTL = "CONCIERGE_SESSION_TTL"
 DEFAULT_MAX_VALUE_BYTES = 1_000_000
 DEFAULT_SWEEP_INTERVAL = 60.0
 DEFAULT_NEW_SESSIONS_PER_MINUTE = 120
+DEFAULT_MAX_LIVE_SESSIONS = 1000
 DEFAULT_MAX_KEYS = 10_000
 DEFAULT_MAX_SESSION_BYTES = 16_000_000
 UNSET: Any = ...
@@ -79,7 +81,11 @@ class Settings:
     on_conflict: OnConflict
     handles: Handles
     handle_keys: list[bytes]
+    request_state_keys: list[bytes]
+    sdk_request_state: bool
+    """Whether the SDK's own `request_state_security=` was given (then concierge leaves request state alone)."""
     max_new_sessions_per_minute: int | None
+    max_live_sessions_per_caller: int | None
     max_keys_per_session: int | None
     max_session_bytes: int | None
 
@@ -102,7 +108,10 @@ class Settings:
         on_conflict: str = "error",
         handles: str = "required",
         handle_keys: str | bytes | list[str | bytes] | None = None,
+        request_state_keys: str | bytes | list[str | bytes] | None = None,
+        sdk_request_state: bool = False,
         max_new_sessions_per_minute: int | None = DEFAULT_NEW_SESSIONS_PER_MINUTE,
+        max_live_sessions_per_caller: int | None = DEFAULT_MAX_LIVE_SESSIONS,
         max_keys_per_session: int | None = DEFAULT_MAX_KEYS,
         max_session_bytes: int | None = DEFAULT_MAX_SESSION_BYTES,
     ) -> Settings:
@@ -116,6 +125,8 @@ class Settings:
             raise ConfigurationError(f"handles must be 'required' or 'optional', not {handles!r}")
         if state is not None and state_url is not None:
             raise ConfigurationError("pass either state= or state_url=, not both")
+        if sdk_request_state and request_state_keys is not None:
+            raise ConfigurationError("pass either request_state_keys= or the SDK's request_state_security=, not both")
         keep = _keep_checkpoints(keep_checkpoints, history)
         backend = state if state is not None else backend_from_url(state_url or os.environ.get(ENV_STATE_URL))
         if keep and not backend.supports_checkpoints:
@@ -137,7 +148,10 @@ class Settings:
             on_conflict=on_conflict_of(on_conflict, "Concierge(on_conflict=...)"),
             handles=handles,  # type: ignore[arg-type]
             handle_keys=keys_from(handle_keys),
+            request_state_keys=[] if sdk_request_state else request_state.keys_from(request_state_keys),
+            sdk_request_state=sdk_request_state,
             max_new_sessions_per_minute=_limit(max_new_sessions_per_minute, "max_new_sessions_per_minute"),
+            max_live_sessions_per_caller=_limit(max_live_sessions_per_caller, "max_live_sessions_per_caller"),
             max_keys_per_session=_limit(max_keys_per_session, "max_keys_per_session"),
             max_session_bytes=_limit(max_session_bytes, "max_session_bytes"),
         )

@@ -30,6 +30,7 @@ import os
 import secrets
 import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from concierge import ids
@@ -46,6 +47,8 @@ LEGACY_LENGTH = 43
 """Characters in an unsigned handle of earlier versions (32 random bytes): still looked up in the store."""
 _CONTEXT = b"concierge-handle-v1:"
 _KEY_FIELD = "handle_key"
+_VERIFIED_AT_MOST = 4096
+"""Handles whose verification this process remembers (the least recently used is forgotten past it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ class HandleSigner:
         if not keys:
             raise ValueError("a HandleSigner needs at least one key")
         self.keys = keys
+        self._verified: OrderedDict[tuple[str, str | None], Handle] = OrderedDict()
 
     def _tag(self, key: bytes, body: bytes, owner: str | None) -> bytes:
         message = _CONTEXT + body + b"|" + (owner or "").encode("utf-8", "surrogatepass")
@@ -97,6 +101,18 @@ class HandleSigner:
     def verify(self, text: str, owner: str | None) -> Handle | None:
         """The handle if one of the keys signed it for `owner`, else `None` (forged, altered, truncated,
         or another caller's: a handle is bound to the principal it was minted for)."""
+        known = self._verified.get((text, owner))
+        if known is not None:  # verified before: the keys do not change, so neither does the answer
+            self._verified.move_to_end((text, owner))
+            return known
+        handle = self._verify(text, owner)
+        if handle is not None:
+            self._verified[(text, owner)] = handle
+            if len(self._verified) > _VERIFIED_AT_MOST:
+                self._verified.popitem(last=False)
+        return handle
+
+    def _verify(self, text: str, owner: str | None) -> Handle | None:
         if len(text) != LENGTH:
             return None
         try:

@@ -7,7 +7,9 @@ The steps, top to bottom:
 3. run the tool in a unit of work (`concierge.work.Runner`), refusing a tool
    outside the session's stage before it runs;
 4. commit only a successful result; report a conflict or an unreachable store
-   as a tool error, nothing saved;
+   as a tool error, nothing saved. A round that ends in `input_required`
+   (2026-07-28: the tool asks the client first) has not finished the call:
+   what it wrote is dropped, and the round that finishes commits;
 5. tell a legacy client its tool list changed after a stage transition, and
    put the handle on the result.
 """
@@ -21,6 +23,7 @@ from typing import Any
 
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.shared.exceptions import MCPError
+from mcp_types.methods import is_input_required
 
 from concierge import identity, ids
 from concierge.errors import ConciergeError, ConflictError, SessionExpiredError, StateUnavailableError
@@ -48,7 +51,8 @@ logger = logging.getLogger("concierge")
 
 
 def _ok(result: Any) -> bool:
-    return isinstance(result, dict) and not result.get("isError")
+    """Whether a call finished well, so what it wrote is committed."""
+    return isinstance(result, dict) and not result.get("isError") and not is_input_required(result)
 
 
 async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
@@ -109,10 +113,12 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
         user=lambda copy: identity.user_of(ctx, who.owner),
         create=not who.via_handle or who.issued_at is not None,  # a handle this server signed may be unwritten
         create_until=rt.fresh_until(who),
+        fresh=who.is_new,
         owner=who.owner,
         check_owner=who.via_handle and not who.is_new,
         keep=_ok,
         companions=roaming_record(rt, ctx, who),
+        tally=rt.held.of(ctx, who.via_handle) if rt.held is not None else None,
     )
     # A first call that fails creates nothing, so it hands out no handle.
     unsaved = (lambda result, _: result) if who.is_new else with_handle
@@ -138,6 +144,8 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
     if unit is None:
         missing = await missing_session(rt.store, who)
         return error(str(missing), "expired" if isinstance(missing, SessionExpiredError) else "unknown")
+    if is_input_required(result):
+        return result  # the call goes on in the client's next round, which carries the same session_id
     if not _ok(result):
         return unsaved(result, who)
     assert unit.session is not None

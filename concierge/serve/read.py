@@ -12,11 +12,13 @@ from typing import Any
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
+from mcp_types.methods import is_input_required
 
 from concierge import identity
 from concierge.identity import HANDLE_META_KEY
 from concierge.serve.closing import roaming_record, watch_close
 from concierge.serve.envelope import as_protocol_error, missing_session, unknown_session
+from concierge.serve.held import SessionLimitError
 from concierge.serve.runtime import Runtime
 from concierge.work import Job, UnitOfWork, bind
 
@@ -47,9 +49,14 @@ async def read(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next: Call
         owner=who.owner,
         check_owner=who.via_handle,
         companions=roaming_record(rt, ctx, who),
+        tally=rt.held.of(ctx, who.via_handle) if rt.held is not None else None,
+        keep=lambda result: not is_input_required(result),  # an input_required round runs again: not yet done
     )
     with as_protocol_error():
-        result, unit = await rt.runner.run(job, lambda unit: _surfaced(unit, ctx, call_next))
+        try:
+            result, unit = await rt.runner.run(job, lambda unit: _surfaced(unit, ctx, call_next))
+        except SessionLimitError as exc:  # refused before it ran: the caller holds its cap of sessions
+            raise MCPError(code=INVALID_PARAMS, message=str(exc)) from exc
         if unit is None:
             missing = await missing_session(rt.store, who)
             return await _surfaced(UnitOfWork(None, no_session_reason=str(missing)), ctx, call_next)

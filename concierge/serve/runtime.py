@@ -20,6 +20,7 @@ from concierge.identity import NEW, Identity
 from concierge.lifecycle import Lifecycle
 from concierge.live import LiveObjects
 from concierge.roaming import Roaming
+from concierge.serve.held import HeldSessions
 from concierge.serve.limits import StartLimit
 from concierge.stages import StageGraph
 from concierge.work import Plans, Runner, SessionStore
@@ -57,6 +58,8 @@ class Runtime:
     """Whether the server verifies access tokens (then `list_sessions` is offered)."""
     limits: StartLimit = field(default_factory=lambda: StartLimit(None, time.time))
     """How fast one caller may start sessions."""
+    held: HeldSessions | None = None
+    """How many live sessions one caller may hold (`None`: no limit)."""
     signer: HandleSigner | None = None
     """Mints and checks handles; set from the options, or from the store when the server starts."""
     graph: StageGraph = field(default_factory=lambda: StageGraph({}, None))

@@ -63,6 +63,7 @@ if #ARGV > 11 + removed then redis.call('HSET', KEYS[2], unpack(ARGV, 12 + remov
 redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7])
 local expires, ttl_meta, ttl_values, id = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 {_SET_EXPIRY}
+redis.call('PUBLISH', KEYS[4] .. ':changes', ARGV[3] .. ' ' .. id)
 return {{2}}
 """
 # Keys one `UPDATE` may carry: Lua's `unpack` is bounded by its stack; larger commits use MULTI/EXEC.

@@ -212,7 +212,14 @@ class SQLBackend(StateBackend):
             await tx.executemany(sql.PUT_VALUE, written)
         if commit.keep_checkpoints > 0:
             await self._checkpoint(tx, commit, version, now)
+        await self._tell(tx, sid, version)
         return version
+
+    async def _tell(self, tx: Tx, session_id: str, version: int | None) -> None:
+        """Tell the change feed, inside `tx`, that `session_id` is at `version` (`None`: deleted) once it commits.
+
+        Nothing by default: a dialect with a pushed feed sends its notice here.
+        """
 
     @staticmethod
     async def _checkpoint(tx: Tx, commit: Commit, version: int, now: float) -> None:
@@ -300,7 +307,10 @@ class SQLBackend(StateBackend):
 
     async def delete(self, session_id: str) -> bool:
         async with self._transaction(write=True) as tx:
-            return bool(await tx.execute(sql.DELETE, session_id))
+            found = bool(await tx.execute(sql.DELETE, session_id))
+            if found:
+                await self._tell(tx, session_id, None)
+            return found
 
     async def clear_expired(self, *, now: float) -> int:
         async with self._transaction(write=True) as tx:

@@ -14,7 +14,7 @@ another process wrote to the session since it was loaded.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -197,6 +197,11 @@ def checkpoint_of(commit: Commit, version: int, now: float) -> StoredCheckpoint:
     return StoredCheckpoint(version, now, commit.tool, changes, previous, True, stage, commit.stage_before)
 
 
+ChangeCallback = Callable[[str | None, int | None], None]
+"""What `StateBackend.watch` calls: `(session_id, new version)`, `(session_id, None)` when it is deleted,
+`(None, None)` when changes may have been missed."""
+
+
 class StateBackend(ABC):
     """Async storage for sessions.
 
@@ -305,6 +310,37 @@ class StateBackend(ABC):
                 is written.
             StateUnavailableError: the store could not be reached.
         """
+
+    # -- the change feed (optional) -----------------------------------------------
+    async def watch(self, on_change: ChangeCallback) -> bool:
+        """Start telling this process about commits and deletions, made by any client of the store.
+
+        A backend that can, calls `on_change(session_id, version)` after a
+        commit gives `session_id` the stored `version`, `on_change(session_id,
+        None)` after it is deleted, and `on_change(None, None)` when it may have
+        missed changes (a lost connection): whatever the process holds may be
+        stale. It may call it for this process's own commits too. Called once,
+        after `open`; the feed ends with `close`.
+
+        With a feed, a process that committed a session last keeps its values
+        and serves the next call on it with no load at all (a read-only call
+        then makes no round trip); the commit's version check still guards
+        every write. The default has no feed (`False`): every call loads.
+
+        Returns:
+            Whether `on_change` will be called.
+        """
+        return False
+
+    def caught_up(self) -> bool:
+        """Whether every change other clients made so far has reached the `watch` callback, as far as this
+        process can know now, without waiting.
+
+        A pushed feed (PostgreSQL LISTEN, Redis pub/sub) answers whether it is
+        connected; a polled one (SQLite's `data_version`) polls here,
+        delivering what it finds first. `False` means "load this time".
+        """
+        return False
 
     @abstractmethod
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:

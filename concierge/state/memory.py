@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from concierge.errors import ConflictError
 from concierge.state.base import (
     UNCHANGED,
+    ChangeCallback,
     Commit,
     SessionRecord,
     SessionSummary,
@@ -50,6 +51,20 @@ class MemoryBackend(StateBackend):
 
     def __init__(self) -> None:
         self._rows: dict[str, _Row] = {}
+        self._watchers: list[ChangeCallback] = []
+
+    async def watch(self, on_change: ChangeCallback) -> bool:
+        """Every commit and deletion is told at once, in the same call (every client is in this process)."""
+        if on_change not in self._watchers:
+            self._watchers.append(on_change)
+        return True
+
+    def caught_up(self) -> bool:
+        return True
+
+    def _tell(self, session_id: str, version: int | None) -> None:
+        for on_change in self._watchers:
+            on_change(session_id, version)
 
     async def load(
         self,
@@ -88,6 +103,9 @@ class MemoryBackend(StateBackend):
                 row.checkpoints = [c for c in row.checkpoints if c.version > oldest]
             self._rows[commit.session_id] = row
             versions.append(row.version)
+        if self._watchers:
+            for commit, version in zip(commits, versions):
+                self._tell(commit.session_id, version)
         return versions
 
     def _checked(self, commit: Commit, now: float) -> _Row:
@@ -116,12 +134,16 @@ class MemoryBackend(StateBackend):
         return True
 
     async def delete(self, session_id: str) -> bool:
-        return self._rows.pop(session_id, None) is not None
+        found = self._rows.pop(session_id, None) is not None
+        if found:
+            self._tell(session_id, None)
+        return found
 
     async def take_expired(self, *, now: float, limit: int) -> list[SessionRecord]:
         taken = []
         for sid in [sid for sid, row in self._rows.items() if not row.live(now)][:limit]:
             row = self._rows.pop(sid)
+            self._tell(sid, None)
             taken.append(
                 SessionRecord(sid, row.version, row.values, row.stage, row.owner, row.expires_at, row.created_at)
             )

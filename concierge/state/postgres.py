@@ -6,10 +6,18 @@ row lock makes concurrent writers to one session queue up and all but the
 first see a changed version. A dropped server surfaces as
 `StateUnavailableError`; the pool replaces dead connections on its own, so the
 same backend works again as soon as the server is back.
+
+The change feed (`watch`) is LISTEN/NOTIFY on one more connection, outside
+the pool: every commit sends `NOTIFY concierge_changes, '<version> <id>'` in
+its own transaction (in the single statement of an update), delivered to
+every listener when it commits; a delete sends `'- <id>'`. A listening
+connection that drops is reported as "changes may have been missed" and
+connected again in the background.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -22,11 +30,14 @@ import asyncpg
 from concierge.errors import ConfigurationError, StateUnavailableError
 from concierge.state import redact_url, url_secrets
 from concierge.state._sql import SQLBackend, Tx
-from concierge.state.base import UNCHANGED, Commit
+from concierge.state.base import UNCHANGED, ChangeCallback, Commit
 
 __all__ = ["PostgresBackend"]
 
 logger = logging.getLogger("concierge")
+
+CHANNEL = "concierge_changes"
+"""The NOTIFY channel of the change feed."""
 
 #: `pg_advisory_xact_lock` key that serialises migrations ("concierg" as a signed 64-bit int).
 MIGRATION_LOCK_KEY = int.from_bytes(b"concierg", "big", signed=True)
@@ -80,7 +91,7 @@ _UPDATE_IN_ONE = (
     " written AS (INSERT INTO concierge_values (session_id, key, value)"
     " SELECT bumped.id, u.key, u.value FROM bumped, unnest($8::text[], $9::text[]) AS u(key, value)"
     " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value)"
-    " SELECT count(*) FROM bumped"
+    f" SELECT count(*), (SELECT pg_notify('{CHANNEL}', $10) FROM bumped) FROM bumped"
 )
 
 
@@ -134,6 +145,9 @@ class PostgresBackend(SQLBackend):
         self.location = _location(dsn)
         self._shown = _display(dsn)
         self._secrets = url_secrets(dsn)
+        self._on_change: ChangeCallback | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._relisten: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str) -> PostgresBackend:
@@ -198,7 +212,73 @@ class PostgresBackend(SQLBackend):
                 raise self._unavailable(exc) from None
             raise
 
+    # -- the change feed ---------------------------------------------------------
+    async def watch(self, on_change: ChangeCallback) -> bool:
+        """LISTEN on a connection of its own; see the module docstring."""
+        self._on_change = on_change
+        await self._listen()
+        return True
+
+    def caught_up(self) -> bool:
+        return self._listener is not None and not self._listener.is_closed()
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout)
+        try:
+            await conn.add_listener(CHANNEL, self._heard)
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(self._lost)
+        self._listener = conn
+
+    def _heard(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        version, _, session_id = payload.partition(" ")
+        if self._on_change is not None and session_id:
+            self._on_change(session_id, None if version == "-" else int(version))
+
+    def _lost(self, conn: Any) -> None:
+        if conn is not self._listener:
+            return
+        self._listener = None
+        if self._on_change is not None:
+            self._on_change(None, None)
+            logger.warning("%s: the change feed's connection was lost; listening again", self._where())
+            self._relisten = asyncio.get_running_loop().create_task(self._listen_again())
+
+    async def _listen_again(self) -> None:
+        delay = 0.1
+        while self._on_change is not None and self._listener is None:
+            try:
+                await self._listen()
+            except Exception:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            else:
+                if self._on_change is not None:
+                    self._on_change(None, None)  # what was committed while nobody listened
+                return
+
+    async def _stop_listening(self) -> None:
+        self._on_change = None
+        task, self._relisten = self._relisten, None
+        if task is not None:
+            task.cancel()
+        conn, self._listener = self._listener, None
+        if conn is not None and not conn.is_closed():
+            try:
+                with anyio.move_on_after(2):
+                    await conn.close()
+            except Exception:  # a connection that is already gone: terminated below
+                logger.debug("%s: closing the change feed's connection failed", self._where(), exc_info=True)
+            if not conn.is_closed():
+                conn.terminate()
+
+    async def _tell(self, tx: Tx, session_id: str, version: int | None) -> None:
+        await tx.fetch(f"SELECT pg_notify('{CHANNEL}', $1)", f"{'-' if version is None else version} {session_id}")
+
     async def _disconnect(self) -> None:
+        await self._stop_listening()
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -232,6 +312,7 @@ class PostgresBackend(SQLBackend):
                 removed,
                 [key for key, _ in written],
                 [value for _, value in written],
+                f"{commit.expected_version + 1} {commit.session_id}",
             )
             if not rows[0][0]:
                 raise await self._conflict(tx, commit, now)

@@ -16,6 +16,8 @@ check and a conditional write, atomic in one round trip.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -35,6 +37,7 @@ from concierge.state import _redis_scripts as scripts
 from concierge.state import redact_url, url_secrets
 from concierge.state.base import (
     UNCHANGED,
+    ChangeCallback,
     Commit,
     SessionRecord,
     SessionSummary,
@@ -45,6 +48,8 @@ from concierge.state.base import (
 )
 
 __all__ = ["DEFAULT_PREFIX", "RedisBackend"]
+
+_logger = logging.getLogger("concierge")
 
 DEFAULT_PREFIX = "concierge:"
 # Error replies meaning the server cannot serve us now (loading, a replica, persistence failing, ...).
@@ -91,6 +96,10 @@ class RedisBackend(StateBackend):
         self._client: aioredis.Redis | None = None
         self._open_lock = anyio.Lock()
         self._expiry_key, self._sessions_key = f"{prefix}expiry", f"{prefix}sessions"
+        self._channel = f"{self._sessions_key}:changes"  # what the UPDATE script publishes to, too
+        self._on_change: ChangeCallback | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._subscribed = False
 
     @classmethod
     def from_url(cls, url: str) -> RedisBackend:
@@ -177,9 +186,65 @@ class RedisBackend(StateBackend):
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
             async with self._open_lock:
+                self._on_change, self._subscribed = None, False
+                follower, self._follower = self._follower, None
+                if follower is not None:
+                    follower.cancel()
+                    await asyncio.gather(follower, return_exceptions=True)
                 client, self._client = self._client, None
                 if client is not None:
                     await _close(client)
+
+    # -- the change feed ----------------------------------------------------------
+    async def watch(self, on_change: ChangeCallback) -> bool:
+        """Pub/sub: every commit publishes `'<version> <id>'` to `<prefix>sessions:changes`, a delete `'- <id>'`."""
+        self._on_change = on_change
+        if self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+        return True
+
+    def caught_up(self) -> bool:
+        return self._subscribed
+
+    async def _follow(self) -> None:
+        """Read the channel until `close`; a dropped subscription is told as "changes may be missed" and renewed."""
+        delay = 0.05
+        while self._on_change is not None:
+            client = self._client
+            if client is None:
+                await asyncio.sleep(delay)
+                continue
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                while self._on_change is not None:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self._subscribed, delay = True, 0.05
+                        self._on_change(None, None)  # what was committed before this subscription
+                    elif message["type"] == "message":
+                        version, _, session_id = str(message["data"]).partition(" ")
+                        if session_id:
+                            self._on_change(session_id, None if version == "-" else int(version))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self._subscribed:
+                    _logger.warning("%s: the change feed's subscription was lost; subscribing again", self._shown)
+                    if self._on_change is not None:
+                        self._on_change(None, None)
+                self._subscribed = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                self._subscribed = False
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await pubsub.aclose()
+                    except Exception:  # a connection that is already gone: nothing to close
+                        _logger.debug("%s: closing the change feed's subscription failed", self._shown, exc_info=True)
 
     @asynccontextmanager
     async def _redis(self) -> AsyncIterator[aioredis.Redis]:
@@ -270,6 +335,7 @@ class RedisBackend(StateBackend):
                         for commit, version in zip(commits, versions):
                             ttl = None if commit.expires_at is None else self._ttl_ms(commit.expires_at, now)
                             layout.queue_commit(pipe, commit, version, now, self._session_keys(commit.session_id), ttl)
+                            pipe.publish(self._channel, f"{version} {commit.session_id}")
                         await pipe.execute()
                         return versions
                     except WatchError:  # nothing was written; read the versions again
@@ -288,6 +354,7 @@ class RedisBackend(StateBackend):
         meta_key, values_key = self._keys(session_id)
         async with self._redis() as client, client.pipeline(transaction=True) as pipe:
             pipe.delete(meta_key).delete(values_key, self._checkpoints_key(session_id))
+            pipe.publish(self._channel, f"- {session_id}")
             existed, *_ = await pipe.zrem(self._expiry_key, session_id).zrem(self._sessions_key, session_id).execute()
         return bool(existed)
 

@@ -36,6 +36,10 @@ class WorkingCopy:
         expiring: whether the session TTL applies (shared buckets never expire).
         detached: the record is gone from the store (an expired session whose
             end hooks run): it can be read, and nothing of it is written.
+        reads: the keys this request read from `base` (what its writes may depend on).
+        read_all: the request read the record whole (`keys()`): every key counts as read.
+        rebasable: every read of `base` goes through this copy's API, so the
+            changes may move onto a newer version of the record (`rebase`).
     """
 
     session_id: str
@@ -56,6 +60,9 @@ class WorkingCopy:
     """The UTF-8 bytes of `base` (keys and values), when the store knows them; counted on first need."""
     base_stage: str | None = field(default=None, init=False)
     """The stage when loaded; never mutated."""
+    reads: set[str] = field(default_factory=set)
+    read_all: bool = False
+    rebasable: bool = False
 
     def __post_init__(self) -> None:
         self.base_stage = self.stage
@@ -67,6 +74,7 @@ class WorkingCopy:
             return self.changes[key]
         if self.cleared:
             return None
+        self.reads.add(key)
         return self.base.get(key)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -87,6 +95,7 @@ class WorkingCopy:
 
     def keys(self) -> Iterator[str]:
         """The keys this request sees, sorted."""
+        self.read_all = True
         visible = set() if self.cleared else set(self.base)
         for key, value in self.changes.items():
             if value is None:
@@ -148,6 +157,33 @@ class WorkingCopy:
             if text is not None:
                 keys, size = keys + 1, size + _size(key, text)
         return keys, size
+
+    # -- a newer version underneath -------------------------------------------------
+    def can_rebase(self, fresh: WorkingCopy) -> bool:
+        """Whether this copy's changes may move onto `fresh`, a newer load of the same record.
+
+        They may when nothing the request read differs there: every value it
+        read, and the stage it ran in, are the same. Committing the changes on
+        top of `fresh` is then what running the request after the other writer
+        would have done, so a commit that lost the version race to a write
+        that did not touch what it read still lands, and no code runs twice.
+        """
+        if not self.rebasable or self.detached or fresh.detached or fresh.session_id != self.session_id:
+            return False
+        if self.version == 0 and self.expiring:
+            return False  # a session created elsewhere meanwhile: its start must not be overlaid
+        if fresh.stage != self.base_stage or (self.version > 0 and fresh.owner != self.owner):
+            return False
+        if self.read_all:
+            return fresh.base == self.base
+        return all(fresh.base.get(key) == self.base.get(key) for key in self.reads)
+
+    def rebase(self, fresh: WorkingCopy) -> None:
+        """Move this copy's changes onto `fresh` (check `can_rebase` first)."""
+        self.version, self.base, self.base_bytes = fresh.version, fresh.base, fresh.base_bytes
+        self.expires_at, self.created_at = fresh.expires_at, fresh.created_at
+        if fresh.owner is not None:
+            self.owner = fresh.owner
 
     # -- undo (a hook that raised leaves nothing behind) -------------------------
     def save(self) -> Saved:

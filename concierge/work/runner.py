@@ -7,7 +7,8 @@
 3. locks and loads the shared buckets the job's plans name, in lock order;
 4. binds the unit of work and runs `body` - once;
 5. commits every dirty copy in one atomic backend call, or nothing if `keep`
-   says the result is a failure.
+   says the result is a failure; with a `Tally`, a new (or ended) session's
+   caller record is updated in that same call.
 
 A conflict at commit (another process wrote one of the records since it was
 loaded) is reported as `ConflictError`; the body runs again on fresh values
@@ -19,21 +20,22 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+from opentelemetry.trace import INVALID_SPAN
 
 from concierge import ids
 from concierge.errors import ConflictError, StateUnavailableError
 from concierge.work.record import WorkingCopy
 from concierge.work.scopes import ATTEMPTS, Plan
 from concierge.work.store import SessionStore
-from concierge.work.telemetry import INSTRUMENTS, TRACER, session_hash
+from concierge.work.telemetry import INSTRUMENTS, TRACER, session_hash, tracing
 from concierge.work.unit import BucketLoader, UnitOfWork, bind
 
-__all__ = ["NO_USER", "Beginning", "Job", "Runner"]
+__all__ = ["NO_USER", "Beginning", "Job", "Runner", "Tally"]
 
 NO_USER = (
     "user state needs to know who the caller is, and this HTTP request carries no access token. "
@@ -54,6 +56,29 @@ class Beginning(Protocol):
 
     async def begin(self, unit: UnitOfWork) -> None:
         """Seed the new session of `unit` and run the start hooks."""
+
+
+class Tally(Protocol):
+    """A record counting the sessions of one caller, kept in step with them (see `concierge.serve.held`).
+
+    Its commits are serialised on `record_id`'s lock in this process; another
+    process's commit to it meanwhile is met by loading it again and committing
+    the unit once more: what the user code wrote did not depend on it.
+    """
+
+    record_id: str
+
+    async def admit(self) -> None:
+        """Called before the user code of a new session runs; raises a `ConciergeError` to refuse it."""
+
+    async def updated(self, session: WorkingCopy, new: bool) -> WorkingCopy | None:
+        """The record, loaded now, with `session` added (`new`) or removed (ended); `None`: nothing to write.
+
+        Raises a `ConciergeError` to refuse the commit (nothing is written).
+        """
+
+    async def used(self) -> None:
+        """The caller used one of its sessions (keeps the record alive as long as them); never raises."""
 
 
 def _always(result: Any) -> bool:
@@ -80,6 +105,10 @@ class Job:
             signed handle never written); later it is refused as expired.
         companions: records written with a new session's first commit, in the
             same transaction (a roaming HTTP session's wire record).
+        tally: counts the sessions of the caller (its live-session cap), in
+            the commits that create or end one; `None`: not counted.
+        fresh: the session id was made for this call, so no record of it can
+            exist: the first attempt starts from an empty copy without a load.
     """
 
     session_id: str
@@ -93,6 +122,8 @@ class Job:
     keep: Callable[[Any], bool] = field(default=_always)
     create_until: float | None = None
     companions: Callable[[], Awaitable[list[WorkingCopy]]] | None = None
+    tally: Tally | None = None
+    fresh: bool = False
 
 
 class Runner:
@@ -116,7 +147,8 @@ class Runner:
         attempts = ATTEMPTS if job.plans and job.plans[0].retry else 1
         started = time.perf_counter()
         outcome = "unknown session"
-        with TRACER.start_as_current_span("concierge.unit") as span:
+        spanning = TRACER.start_as_current_span("concierge.unit") if tracing() else nullcontext(INVALID_SPAN)
+        with spanning as span:
             if span.is_recording():  # no SDK installed: nothing to compute
                 span.set_attribute("mcp.session.id", session_hash(job.session_id))
                 span.set_attribute("concierge.store", store.backend.scheme or type(store.backend).__name__)
@@ -129,9 +161,12 @@ class Runner:
                         if attempt > 1:
                             INSTRUMENTS.retries.add(1)
                         t0 = time.perf_counter()
-                        session = await (
-                            job.load() if job.load is not None else store.load(job.session_id, create=job.create)
-                        )
+                        if job.fresh and attempt == 1:
+                            session: WorkingCopy | None = store.blank(job.session_id)
+                        elif job.load is not None:
+                            session = await job.load()
+                        else:
+                            session = await store.load(job.session_id, create=job.create)
                         span.set_attribute("concierge.load_ms", (time.perf_counter() - t0) * 1000)
                         if session is None or session.stage == ids.ENDED:
                             return None, None
@@ -171,12 +206,15 @@ class Runner:
         if new:
             session.owner = job.owner
             session.must_persist = self.beginning.seeds  # its hooks ran: they must not run again
+        session.rebasable = True  # user code reads it only through the state API, which records each read
         unit = UnitOfWork(session, tool=job.label)
         async with AsyncExitStack() as stack:
             user = job.user(session)
             if user is None:
                 unit.scope_errors["user"] = NO_USER
             unit.loader = BucketLoader(store, unit, stack, user)
+            if new and job.tally is not None:
+                await job.tally.admit()  # before any user code: a refused session runs nothing
             scopes: set[str] = set().union(*(p.scopes for p in job.plans))
             if new:
                 scopes |= self.beginning.start.scopes
@@ -194,12 +232,38 @@ class Runner:
             await store.renew(session)
             extra = await job.companions() if new and session.dirty and job.companions is not None else []
             copies = [*unit.copies(), *extra]
+            if not new and job.tally is not None:
+                await job.tally.used()
             if not any(c.dirty and not c.detached for c in copies):
                 span.set_attribute("concierge.version", session.version)
                 return result, unit, "nothing to write"
             t0 = time.perf_counter()
-            await store.commit(*copies, tool=job.label)
+            ended = session.stage == ids.ENDED and session.stage_changed
+            if job.tally is not None and session.dirty and (new or ended):
+                await self._commit_counted(job.tally, copies, session, new, job.label)
+            else:
+                await store.commit(*copies, tool=job.label)
             span.set_attribute("concierge.commit_ms", (time.perf_counter() - t0) * 1000)
             span.set_attribute("concierge.version", session.version + (1 if session.dirty else 0))
             INSTRUMENTS.commits.add(1)
             return result, unit, "committed"
+
+    async def _commit_counted(
+        self, tally: Tally, copies: list[WorkingCopy], session: WorkingCopy, new: bool, label: str | None
+    ) -> None:
+        """Commit `copies` with the tally's record, retrying only when that record alone moved meanwhile."""
+        store = self.store
+        async with store.locked(tally.record_id):
+            for attempt in range(1, ATTEMPTS + 1):
+                record = await tally.updated(session, new)
+                try:
+                    await store.commit(*copies, *([record] if record is not None else []), tool=label)
+                    return
+                except ConflictError:
+                    if record is None or attempt == ATTEMPTS:
+                        raise
+                    fresh = await store.load(tally.record_id, create=True)
+                    if fresh is None or fresh.version == record.version:
+                        raise  # one of the unit's own records moved: a real conflict
+                    INSTRUMENTS.retries.add(1)
+                    await anyio.sleep(random.uniform(0, 0.002 * 2 ** min(attempt - 1, 6)))

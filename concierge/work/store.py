@@ -10,10 +10,12 @@ with each other).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
 
@@ -23,40 +25,63 @@ from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
 from concierge.work.record import WorkingCopy
 from concierge.work.telemetry import INSTRUMENTS
 
-__all__ = ["SessionStore"]
+__all__ = ["REBASES", "SessionStore"]
+
+REBASES = 3
+"""Times a commit that lost a version race moves onto the newer version and tries again (see `commit`)."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """What this process knows of a record as it last loaded or committed it."""
+
+    version: int
+    created_at: float
+    values: dict[str, str]
+    size: int | None
+    stage: str | None
+    owner: str | None
+    expires_at: float | None
+    trusted: bool
+    """Recorded while the store's change feed was live and heard of no newer version meanwhile."""
 
 
 class _Snapshots:
-    """A bounded LRU of the last committed values per record, tagged with their version and life.
+    """A bounded LRU of the last committed values per record, with their version and life.
 
     With it, a call on a record this process served last only checks the
-    stored version instead of reading every key again, so a call costs the same
-    whether the record holds one key or a thousand.
+    stored version instead of reading every key again (a call costs the same
+    whether the record holds one key or a thousand); and with a live change
+    feed, a trusted entry is not checked at all.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[int, float, dict[str, str], int | None]] = OrderedDict()
+        self._items: OrderedDict[str, _Held] = OrderedDict()
 
-    def get(self, record_id: str) -> tuple[int, float, dict[str, str], int | None] | None:
-        """(version, created_at, values, their bytes when known) of the record, or `None`."""
+    def get(self, record_id: str) -> _Held | None:
         item = self._items.get(record_id)
         if item is not None:
             self._items.move_to_end(record_id)
         return item
 
-    def put(
-        self, record_id: str, version: int, created_at: float, values: dict[str, str], size: int | None = None
-    ) -> None:
+    def peek(self, record_id: str) -> _Held | None:
+        return self._items.get(record_id)
+
+    def put(self, record_id: str, held: _Held) -> None:
         if self.capacity <= 0:
             return
-        self._items[record_id] = (version, created_at, values, size)
+        self._items[record_id] = held
         self._items.move_to_end(record_id)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
     def drop(self, record_id: str) -> None:
         self._items.pop(record_id, None)
+
+    def distrust(self) -> None:
+        for held in self._items.values():
+            held.trusted = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -140,6 +165,10 @@ class SessionStore:
         self._locks = _Locks()
         self._opened = 0
         self._open_lock = anyio.Lock()
+        self._feed = False
+        """Whether the backend's change feed is on (see `StateBackend.watch`)."""
+        self._flights: dict[str, list[float]] = {}
+        """Records being loaded or committed: [calls in flight, the newest version the feed told of meanwhile]."""
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[SessionStore]:
@@ -151,6 +180,8 @@ class SessionStore:
         async with self._open_lock:
             if self._opened == 0:
                 await self.backend.open()
+                self._snapshots.distrust()  # whatever happened while it was closed went unheard
+                self._feed = await self.backend.watch(self._changed)
             self._opened += 1
         try:
             yield self
@@ -159,6 +190,8 @@ class SessionStore:
                 async with self._open_lock:
                     self._opened -= 1
                     if self._opened == 0:
+                        self._feed = False
+                        self._snapshots.distrust()
                         await self.backend.close()
 
     # -- locks ------------------------------------------------------------------
@@ -178,51 +211,134 @@ class SessionStore:
         finally:
             self._locks.release(record_id)
 
+    # -- the change feed ----------------------------------------------------------
+    def _changed(self, record_id: str | None, version: int | None) -> None:
+        """The backend's feed: `record_id` is now at `version` (`None`: deleted); no id: anything may have moved."""
+        if record_id is None:
+            self._snapshots.distrust()
+            for flight in self._flights.values():
+                flight[1] = math.inf
+            return
+        heard = math.inf if version is None else float(version)
+        flight = self._flights.get(record_id)
+        if flight is not None and heard > flight[1]:
+            flight[1] = heard
+        held = self._snapshots.peek(record_id)
+        if held is not None and heard > held.version:
+            self._snapshots.drop(record_id)
+
+    def _depart(self, record_id: str) -> None:
+        flight = self._flights.get(record_id)
+        if flight is None:
+            self._flights[record_id] = [1, -1.0]
+        else:
+            flight[0] += 1
+            flight[1] = math.inf  # two at once: neither result is trusted
+
+    def _arrive(self, record_id: str) -> float:
+        """End a flight; the newest version the feed told of during it."""
+        flight = self._flights[record_id]
+        flight[0] -= 1
+        if flight[0] == 0:
+            del self._flights[record_id]
+        return flight[1]
+
+    def holds(self, record_id: str) -> bool:
+        """Whether the next load of `record_id` makes no round trip (this process holds its latest version)."""
+        held = self._snapshots.peek(record_id)
+        return held is not None and self._current(held, self.clock())
+
+    def _current(self, held: _Held, now: float) -> bool:
+        return (
+            held.trusted
+            and self._feed
+            and (held.expires_at is None or held.expires_at > now)
+            and self.backend.caught_up()
+            and held.trusted  # catching up may have told of changes
+        )
+
     # -- load -------------------------------------------------------------------
     async def load(self, record_id: str, *, create: bool) -> WorkingCopy | None:
         """Load a record into a fresh working copy.
 
         Returns `None` when the record does not exist and `create` is false.
         With `create`, a missing record yields an empty copy at version 0 that
-        the commit will create.
+        the commit will create. A record this process holds the latest version
+        of (a live change feed, nothing heard since) is not read at all.
         """
         now = self.clock()
-        cached = self._snapshots.get(record_id)
-        if cached is None:
-            record = await self.backend.load(record_id, now=now)
-        else:
-            record = await self.backend.load(record_id, now=now, known_version=cached[0], known_created_at=cached[1])
+        held = self._snapshots.get(record_id)
+        if held is not None and self._current(held, now):
+            copy = self._copy(record_id, held)
+            copy.base_bytes = held.size
+            return copy
+        self._depart(record_id)
+        try:
+            if held is None:
+                record = await self.backend.load(record_id, now=now)
+            else:
+                record = await self.backend.load(
+                    record_id, now=now, known_version=held.version, known_created_at=held.created_at
+                )
+            live = self._feed and self.backend.caught_up()  # before landing: what it tells counts for this flight
+        finally:
+            heard = self._arrive(record_id)
         if record is None:
             self._snapshots.drop(record_id)
             if not create:
                 return None
-            return WorkingCopy(record_id, max_value_bytes=self.max_value_bytes)
+            return self.blank(record_id)
         if record.values is None:
-            assert cached is not None
-            copy = self._copy(record, cached[2])
-            copy.base_bytes = cached[3]
-            return copy
-        self._snapshots.put(record_id, record.version, record.created_at, record.values)
-        return self._copy(record, record.values)
+            assert held is not None
+            values, size = held.values, held.size
+        else:
+            values, size = record.values, None
+        fresh = _Held(
+            record.version,
+            record.created_at,
+            values,
+            size,
+            record.stage,
+            record.owner,
+            record.expires_at,
+            trusted=live and heard <= record.version,
+        )
+        self._snapshots.put(record_id, fresh)
+        copy = self._copy(record_id, fresh)
+        copy.base_bytes = size
+        return copy
+
+    def blank(self, record_id: str) -> WorkingCopy:
+        """An empty copy of a record known not to exist yet (its commit creates it)."""
+        return WorkingCopy(record_id, max_value_bytes=self.max_value_bytes)
 
     def detached(self, record: SessionRecord) -> WorkingCopy:
         """A copy of a session that is already gone from the store (for its end hooks).
 
         Its values can be read; changes to them are written nowhere.
         """
-        copy = self._copy(record, record.values or {})
-        copy.detached = True
-        return copy
-
-    def _copy(self, record: SessionRecord, values: dict[str, str]) -> WorkingCopy:
-        return WorkingCopy(
+        copy = WorkingCopy(
             record.session_id,
             version=record.version,
-            base=values,
+            base=record.values or {},
             stage=record.stage,
             owner=record.owner,
             expires_at=record.expires_at,
             created_at=record.created_at,
+            max_value_bytes=self.max_value_bytes,
+        )
+        copy.detached = True
+        return copy
+
+    def _copy(self, record_id: str, held: _Held) -> WorkingCopy:
+        return WorkingCopy(
+            record_id,
+            version=held.version,
+            base=held.values,
+            stage=held.stage,
+            owner=held.owner,
+            expires_at=held.expires_at,
+            created_at=held.created_at,
             max_value_bytes=self.max_value_bytes,
         )
 
@@ -230,16 +346,31 @@ class SessionStore:
     async def commit(self, *copies: WorkingCopy, tool: str | None = None) -> None:
         """Write the dirty ones of `copies` in one atomic backend call (nothing when none is dirty).
 
+        When another process committed to one of them first, and every copy is
+        `rebasable` and read nothing that differs in the newer versions, the
+        changes move onto those versions and commit again (up to `REBASES`
+        times): no write is lost and no code runs again.
+
         Args:
             tool: what made the commit, recorded in its checkpoints.
 
         Raises:
-            ConflictError: another process committed to one of them first.
+            ConflictError: another process committed to one of them first, and
+                changed something this unit of work read.
             StateUnavailableError: the backend could not be reached.
         """
         dirty = [c for c in copies if c.dirty and not c.detached]
         if not dirty:
             return
+        for attempt in range(REBASES + 1):
+            try:
+                await self._write(dirty, tool)
+                return
+            except ConflictError:
+                if attempt == REBASES or not await self._rebased(dirty):
+                    raise
+
+    async def _write(self, dirty: list[WorkingCopy], tool: str | None) -> None:
         sizes = [self._checked_size(c) for c in dirty]
         now = self.clock()
         keep = self.keep_checkpoints
@@ -259,18 +390,49 @@ class SessionStore:
             )
             for c in dirty
         ]
+        for c in dirty:
+            self._depart(c.session_id)
         try:
             if len(commits) == 1:
                 versions = [await self.backend.commit(commits[0], now=now)]
             else:
                 versions = await self.backend.commit_all(commits, now=now)
-        except ConflictError:
+            live = self._feed and self.backend.caught_up()
+        except BaseException:
             for c in dirty:
+                self._arrive(c.session_id)
                 self._snapshots.drop(c.session_id)
             raise
-        for c, version, size in zip(dirty, versions, sizes):
+        for c, commit, version, size in zip(dirty, commits, versions, sizes):
+            heard = self._arrive(c.session_id)
             created_at = now if c.version == 0 else c.created_at  # a creating commit starts a new life
-            self._snapshots.put(c.session_id, version, created_at, c.committed_values(), size)
+            held = _Held(
+                version,
+                created_at,
+                c.committed_values(),
+                size,
+                c.stage,
+                c.owner,
+                commit.expires_at,
+                trusted=live and heard <= version,
+            )
+            self._snapshots.put(c.session_id, held)
+
+    async def _rebased(self, dirty: list[WorkingCopy]) -> bool:
+        """Load the newest versions of `dirty` and move their changes onto them; whether every one moved."""
+        if not all(c.rebasable for c in dirty):
+            return False
+        fresh: list[WorkingCopy] = []
+        for c in dirty:
+            newer = await self.load(c.session_id, create=not c.expiring)
+            if newer is None:
+                return False  # the session was deleted or expired meanwhile
+            fresh.append(newer)
+        if not all(c.can_rebase(newer) for c, newer in zip(dirty, fresh)):
+            return False
+        for c, newer in zip(dirty, fresh):
+            c.rebase(newer)
+        return True
 
     def _checked_size(self, copy: WorkingCopy) -> int | None:
         """The bytes `copy` leaves its record with (`None` when no limit asks), refusing a commit that would
@@ -281,6 +443,8 @@ class SessionStore:
         if not any(text is not None for text in copy.changes.values()):
             return size  # only deletions: a record never grows by them
         kind = ids.kind_of(copy.session_id)
+        if kind == "caller":
+            return size  # concierge's count of a caller's sessions: bounded by max_live_sessions_per_caller
         what = "this session" if kind == "session" else f"the {kind} scope"
         if self.max_keys is not None and keys > self.max_keys:
             raise StateValueError(
@@ -309,7 +473,13 @@ class SessionStore:
         now = self.clock()
         if copy.expires_at is not None and copy.expires_at - now > self.ttl - min(60.0, self.ttl / 10):
             return
-        await self.backend.touch(copy.session_id, expires_at=now + self.ttl, now=now)
+        found = await self.backend.touch(copy.session_id, expires_at=now + self.ttl, now=now)
+        held = self._snapshots.peek(copy.session_id)
+        if held is not None:
+            if not found:
+                self._snapshots.drop(copy.session_id)
+            elif held.version == copy.version:
+                held.expires_at = now + self.ttl
 
     # -- removal ----------------------------------------------------------------
     def forget(self, record_id: str) -> None:

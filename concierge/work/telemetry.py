@@ -27,10 +27,15 @@ from collections.abc import Callable
 
 from opentelemetry import metrics, trace
 
-__all__ = ["METER", "TRACER", "Instruments", "session_hash"]
+__all__ = ["METER", "TRACER", "Instruments", "session_hash", "tracing"]
 
 TRACER = trace.get_tracer("concierge")
 METER = metrics.get_meter("concierge")
+
+
+def tracing() -> bool:
+    """Whether a tracer provider is installed (else spans are skipped: nobody would see them)."""
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
 def session_hash(storage_id: str) -> str:

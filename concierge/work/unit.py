@@ -163,6 +163,7 @@ class BucketLoader:
         copy = await self.store.load(record_id, create=True)
         assert copy is not None
         copy.expiring = False
+        copy.rebasable = True
         if copy.version == 0:
             copy.owner = self.user if scope == "user" else None
         self.unit.buckets[scope] = copy
