@@ -141,6 +141,9 @@ def enable_roaming(manager: StreamableHTTPSessionManager, hooks: RoamingHooks) -
     if manager.stateless:
         return
     inner = manager._handle_request  # mcp 2.3.0: the private per-request dispatcher behind asgi_app
+    adopting: dict[str, anyio.Event] = {}
+    """Sessions being adopted: a request for one waits until its transport is connected (the transport is
+    registered with the manager before it is, and the SDK refuses a request to an unconnected one)."""
 
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         session_id = _header(scope, _SESSION_HEADER)
@@ -149,13 +152,20 @@ def enable_roaming(manager: StreamableHTTPSessionManager, hooks: RoamingHooks) -
         if scope.get("type") != "http" or not session_id or not legacy:
             await inner(scope, receive, send)
             return
-        if session_id not in _transports(manager):
+        pending = adopting.get(session_id)
+        if pending is not None:
+            await pending.wait()
+        elif session_id not in _transports(manager):
+            done = adopting[session_id] = anyio.Event()
             try:
                 await _adopt(manager, session_id, scope, hooks)
             except Exception:
                 logger.warning("concierge: could not look up session %s in the store", session_id[:64], exc_info=True)
                 await _unavailable(scope, receive, send)
                 return
+            finally:
+                del adopting[session_id]
+                done.set()
         if scope.get("method") != "DELETE":
             await inner(scope, receive, send)
             return

@@ -149,7 +149,8 @@ async def test_a_forged_handle_in_the_right_shape_is_refused_with_no_store_read(
         async with Client(other_key) as elsewhere:  # a well-formed handle signed with another server's key
             foreign = handle_of(await elsewhere.call_tool("start_session", {}))
         backend.loads.clear()
-        for forged in (flipped, foreign, real[:-1] + "_"):
+        truncated = real[:-1] + ("_" if real[-1] != "_" else "-")  # the last character altered
+        for forged in (flipped, foreign, truncated):
             result = await client.call_tool("view", {"session_id": forged})
             assert result.is_error and result.meta["concierge/session"] == "unknown", text(result)
         assert backend.loads == []  # refused on the signature alone
