@@ -3,6 +3,7 @@
     python benchmarks/bench_peers.py [--duration S | --calls N] [--sessions 64] [--inflight 4]
                                      [--rounds 3] [--warmup-calls 8] [--postgres-url URL]
                                      [--systems concierge,fastmcp,fastmcp-session-id,concierge-sdk,mcp-memory]
+                                     [--latency-ms 0,0.5,2] [--ping-interval-ms 50]
                                      [--json out.json] [--reinstall]
 
 The systems (each server a subprocess listening on 127.0.0.1, each on its own
@@ -42,6 +43,26 @@ after another, the order reversed every round. After the last round the rows
 each system stored are counted in its PostgreSQL tables and compared with what
 `view_cart` returned.
 
+Unrelated calls: during each timed phase a client session of its own, in a
+process of its own (`benchmarks/ping_probe.py`), calls the server's `ping` tool
+(async, no state) every `--ping-interval-ms`; its p50/p99 show how long any
+other request on that server waits while the cart calls run (a server whose
+state calls block its event loop holds every request up behind them).
+
+Database latency: `--latency-ms` is a list of round-trip times added between
+the servers and PostgreSQL, each one a separate run of the whole comparison
+(fresh databases and servers), the results tabled side by side. 0 connects
+the servers to PostgreSQL directly, as a loopback database; any other value
+puts a TCP delay proxy (`benchmarks/delay_proxy.py`, its own process) in
+between, which holds every chunk for the same time in each direction, so one
+request and its reply gain twice that. The time is calibrated before each run
+(the extra hop and the kernel's wake-ups cost time of their own): the median
+of `SELECT 1` round trips through asyncpg, through the proxy minus direct, is
+brought to the value, and printed with the hop's own cost (the proxy with no
+delay). While the load runs, the proxy reports how late it released chunks:
+its own scheduling delay on a busy machine, on top. The load driver's own
+connections (set-up, counting) go direct.
+
 PostgreSQL: `--postgres-url` (an admin URL; scratch databases are created and
 dropped on it), else a throwaway server started as `benchmarks/bench_state.py`
 does (fsync off: an upper bound for a durable server).
@@ -66,6 +87,7 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from bench_state import Stores, _free_port, listening
 from mcp.client import Client
@@ -74,6 +96,8 @@ HERE = Path(__file__).resolve().parent
 PEERS_DIR = HERE / "peers"
 VENVS_DIR = HERE / ".venvs"
 MARKER = "bench-peers.json"
+DELAY_PROXY = HERE / "delay_proxy.py"
+PING_PROBE = HERE / "ping_probe.py"
 
 
 # -- the systems ------------------------------------------------------------------------
@@ -303,7 +327,7 @@ async def serve(peer: Peer, python: str, state_url: str, tmp: Path, timeout: flo
     async with listening(proc, port, timeout=timeout, name=f"{peer.name} server", log=lambda: _tail(log)) as url:
         async with Client(url, mode="legacy", read_timeout_seconds=30) as client:
             tools = {t.name for t in (await client.list_tools()).tools}
-        missing = {"add_to_cart", "view_cart", *([peer.session_tool] if peer.session_tool else [])} - tools
+        missing = {"add_to_cart", "view_cart", "ping", *([peer.session_tool] if peer.session_tool else [])} - tools
         if missing:
             raise RuntimeError(f"server lists no {sorted(missing)} (it lists {sorted(tools)})")
         yield Server(peer, url, proc, log)
@@ -316,6 +340,197 @@ def _tail(log: Path, lines: int = 6) -> str:
     except OSError:
         return "(no log)"
     return " | ".join(text[-lines:]) or "(empty log)"
+
+
+# -- added database latency ---------------------------------------------------------------
+MECHANISM = (
+    "a TCP delay proxy on 127.0.0.1 (benchmarks/delay_proxy.py, its own process) between every server and "
+    "PostgreSQL, holding each chunk the same time in each direction, that time calibrated before the run so "
+    "that the median `SELECT 1` round trip through it takes the added time more than direct"
+)
+
+
+@dataclass
+class Proxy:
+    """A running delay proxy in front of one PostgreSQL server."""
+
+    round_trip_ms: float
+    port: int
+    proc: asyncio.subprocess.Process
+
+    async def command(self, line: str) -> dict[str, Any]:
+        """Send one command (`stats`, `one-way-ms X`); its JSON answer."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        answer = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 30))
+        if "error" in answer:
+            raise RuntimeError(f"delay proxy: {answer['error']}")
+        return answer
+
+    async def calibrate(self, admin_url: str) -> RoundTrip:
+        """Set the one-way delay so that a `SELECT 1` round trip through the proxy gains `round_trip_ms`.
+
+        The extra hop and the wake-ups cost time of their own; they are measured
+        (median `SELECT 1`, direct and through) and taken off the delay, a few
+        times over, until the gain is within 5% (or 0.02 ms) of the target.
+        """
+        target = self.round_trip_ms
+        await self.command("one-way-ms 0")
+        bare = await select_1_ms(self.via(admin_url))
+        one_way = target / 2
+        for _ in range(6):
+            await self.command(f"one-way-ms {one_way}")
+            direct = await select_1_ms(admin_url)
+            through = await select_1_ms(self.via(admin_url))
+            gain = through - direct
+            if abs(gain - target) <= max(0.02, 0.05 * target) or (one_way == 0 and gain > target):
+                break
+            one_way = max(0.0, one_way + (target - gain) / 2)
+        return RoundTrip(target, direct, through, bare, one_way)
+
+    def via(self, url: str) -> str:
+        """`url` with its host and port replaced by the proxy's."""
+        parts = urlsplit(url)
+        user = parts.netloc.rpartition("@")[0]
+        netloc = f"{user}@127.0.0.1:{self.port}" if user else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+@asynccontextmanager
+async def delay_proxy(admin_url: str, round_trip_ms: float, tmp: Path) -> AsyncIterator[Proxy]:
+    """A delay proxy to the PostgreSQL of `admin_url`, adding `round_trip_ms` to each round trip; stopped on exit."""
+    parts = urlsplit(admin_url)
+    if not parts.hostname:
+        raise RuntimeError(f"--latency-ms needs PostgreSQL over TCP; {admin_url!r} names no host")
+    target = f"{parts.hostname}:{parts.port or 5432}"
+    log = tmp / f"delay-proxy-{round_trip_ms:g}ms.log"
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(DELAY_PROXY),
+            "--target",
+            target,
+            "--round-trip-ms",
+            str(round_trip_ms),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if not line.startswith(b"listening "):
+            raise RuntimeError(f"the delay proxy did not start: {_tail(log)}")
+        yield Proxy(round_trip_ms, int(line.split()[1]), proc)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def select_1_ms(url: str, samples: int = 300) -> float:
+    """The median time of one `SELECT 1` round trip on one asyncpg connection to `url`, in ms."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        for _ in range(10):
+            await conn.fetchval("SELECT 1")
+        times = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            await conn.fetchval("SELECT 1")
+            times.append(time.perf_counter() - start)
+    finally:
+        await conn.close()
+    return quantile(times, 0.5) * 1e3
+
+
+@dataclass
+class RoundTrip:
+    """The check of the added latency made before one run: `SELECT 1` medians, idle."""
+
+    added_ms: float
+    direct_ms: float
+    through_ms: float | None = None
+    """Through the proxy with the delay (`None`: nothing added, no proxy)."""
+    bare_proxy_ms: float | None = None
+    """Through the proxy adding no delay: the cost of the extra hop itself."""
+    one_way_ms: float | None = None
+    """The delay the proxy holds each chunk for, as calibrated."""
+
+
+# -- unrelated calls ------------------------------------------------------------------------
+class PingProbe:
+    """`benchmarks/ping_probe.py` against one server: started before a round, measuring its timed phase."""
+
+    def __init__(self, url: str, interval_ms: float, log: Path) -> None:
+        self.url = url
+        self.interval_ms = interval_ms
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.failure: str | None = None
+
+    async def start(self) -> None:
+        """Start the probe process (it connects while the load's sessions warm up)."""
+        with self.log.open("wb") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(PING_PROBE),
+                self.url,
+                "--interval-ms",
+                str(self.interval_ms),
+                env=_clean_env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
+
+    async def _line(self, timeout: float) -> bytes:
+        assert self.proc is not None and self.proc.stdout is not None
+        return await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+
+    async def ready(self) -> None:
+        """Wait until the probe's session answered one ping; on failure the round goes on without it."""
+        try:
+            line = await self._line(60)
+        except TimeoutError:
+            line = b""
+        if line.strip() != b"ready":
+            self.failure = f"the ping client did not connect: {_tail(self.log, 3)}"
+
+    def go(self) -> None:
+        """Start pinging (the timed phase begins)."""
+        if self.failure is None and self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.write(b"go\n")
+
+    async def stop(self) -> dict[str, Any] | None:
+        """Stop pinging; the probe's latencies and errors (`None` if it failed); the process is gone after."""
+        assert self.proc is not None and self.proc.stdin is not None
+        found: dict[str, Any] | None = None
+        try:
+            if self.failure is None:
+                self.proc.stdin.write(b"stop\n")
+                line = await self._line(90)
+                try:
+                    found = json.loads(line)
+                except ValueError:
+                    self.failure = f"the ping client failed: {_tail(self.log, 3)}"
+        except TimeoutError:
+            self.failure = "the ping client did not answer `stop` within 90 s"
+        finally:
+            if self.proc.returncode is None:
+                self.proc.stdin.close()
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 10)
+                except TimeoutError:
+                    self.proc.kill()
+                    await self.proc.wait()
+        return found
 
 
 # -- the workload ---------------------------------------------------------------------------
@@ -339,8 +554,18 @@ class RoundResult:
     """CPU seconds the server process used during the timed phase."""
     driver_cpu: float = 0.0
     """CPU seconds the load driver used during the timed phase."""
+    proxy_cpu: float | None = None
+    """CPU seconds the delay proxy used during the timed phase (`None`: no proxy)."""
+    proxy_late: dict[str, float] | None = None
+    """How late the delay proxy released chunks during the timed phase (its `stats`)."""
     latencies: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    ping_latencies: list[float] = field(default_factory=list)
+    """Latencies of the ping client's calls during the timed phase."""
+    ping_errors: int = 0
+    ping_error_samples: list[str] = field(default_factory=list)
+    ping_failure: str | None = None
+    """Why this round has no ping figures (`None`: it has)."""
 
     def error(self, message: str) -> None:
         """Count one failed call, keeping a few distinct messages."""
@@ -378,15 +603,20 @@ def _process_cpu(pid: int) -> float | None:
         return None
 
 
-async def run_round(server: Server, system: str, number: int, args: argparse.Namespace) -> RoundResult:
+async def run_round(
+    server: Server, system: str, number: int, args: argparse.Namespace, proxy: Proxy | None = None
+) -> RoundResult:
     """Connect `args.sessions` fresh sessions, warm up, run the timed phase, then read every cart.
 
     Two barriers bracket the timed phase: every session has connected and warmed
     up before it starts, and every session has finished its timed calls before it
-    ends (only then do the sessions read their carts). The CPU time the server
-    process and this process used in between is recorded.
+    ends (only then do the sessions read their carts). The ping client pings in
+    between; the CPU time the server process, the delay proxy and this process
+    used in between is recorded.
     """
     result = RoundResult(system, number)
+    probe = PingProbe(server.url, args.ping_interval_ms, server.log.with_suffix(f".ping{number}.log"))
+    await probe.start()
     peer = server.peer
     ready = asyncio.Barrier(args.sessions + 1)
     done = asyncio.Barrier(args.sessions + 1)
@@ -469,17 +699,36 @@ async def run_round(server: Server, system: str, number: int, args: argparse.Nam
         result.duplicates += len(cart) - len(items)
 
     tasks = [asyncio.create_task(session(i)) for i in range(args.sessions)]
-    await ready.wait()
-    server_cpu, driver_cpu = _process_cpu(server.proc.pid), time.process_time()
-    start = clock()
-    deadline = start + (args.duration or 0.0)
-    go.set()
-    await done.wait()
-    result.elapsed = clock() - start
-    server_after = _process_cpu(server.proc.pid)
-    if server_cpu is not None and server_after is not None:
-        result.server_cpu = server_after - server_cpu
-    result.driver_cpu = time.process_time() - driver_cpu
+    try:
+        await ready.wait()
+        await probe.ready()
+        if proxy:
+            await proxy.command("stats")  # counts from here on
+        server_cpu, driver_cpu = _process_cpu(server.proc.pid), time.process_time()
+        proxy_cpu = _process_cpu(proxy.proc.pid) if proxy else None
+        start = clock()
+        deadline = start + (args.duration or 0.0)
+        probe.go()
+        go.set()
+        await done.wait()
+        result.elapsed = clock() - start
+        server_after = _process_cpu(server.proc.pid)
+        proxy_after = _process_cpu(proxy.proc.pid) if proxy else None
+        result.driver_cpu = time.process_time() - driver_cpu
+        if server_cpu is not None and server_after is not None:
+            result.server_cpu = server_after - server_cpu
+        if proxy_cpu is not None and proxy_after is not None:
+            result.proxy_cpu = proxy_after - proxy_cpu
+        if proxy:
+            result.proxy_late = await proxy.command("stats")
+    finally:
+        pings = await probe.stop()
+    if pings is None:
+        result.ping_failure = probe.failure
+    else:
+        result.ping_latencies = pings["latencies"]
+        result.ping_errors = pings["errors"]
+        result.ping_error_samples = pings["error_samples"]
     await asyncio.gather(*tasks)
     return result
 
@@ -515,6 +764,16 @@ class Summary:
     """Server process CPU per acknowledged timed call."""
     driver_cpu_ms: float = float("nan")
     """Load-driver CPU per acknowledged timed call."""
+    proxy_cpu_ms: float = float("nan")
+    """Delay-proxy CPU per acknowledged timed call (NaN: no proxy)."""
+    proxy_late_p50_ms: float = float("nan")
+    proxy_late_p99_ms: float = float("nan")
+    """How late the delay proxy released chunks during the timed phases (the worst round's quantiles)."""
+    ping_p50_ms: float = float("nan")
+    ping_p99_ms: float = float("nan")
+    pings: int = 0
+    ping_errors: int = 0
+    ping_notes: list[str] = field(default_factory=list)
     stored: str = "-"
     stored_matches: bool | None = None
     error_samples: list[str] = field(default_factory=list)
@@ -526,9 +785,16 @@ def summarise(system: str, rounds: list[RoundResult]) -> Summary:
     elapsed = sum(r.elapsed for r in rounds)
     ok = sum(r.ok for r in rounds)
     server_cpu = [r.server_cpu for r in rounds]
+    proxy_cpu = [r.proxy_cpu for r in rounds]
+    late = [r for r in rounds if r.proxy_late and "p50_ms" in r.proxy_late]
+    pings = [x for r in rounds for x in r.ping_latencies]
     samples: list[str] = []
+    ping_notes: list[str] = []
     for r in rounds:
         samples += [s for s in r.error_samples if s not in samples]
+        ping_notes += [s for s in r.ping_error_samples if s not in ping_notes]
+        if r.ping_failure:
+            ping_notes.append(f"round {r.round + 1}: {r.ping_failure}")
     return Summary(
         system=system,
         calls_per_s=ok / elapsed if elapsed > 0 else float("nan"),
@@ -547,6 +813,16 @@ def summarise(system: str, rounds: list[RoundResult]) -> Summary:
         if ok and None not in server_cpu
         else float("nan"),
         driver_cpu_ms=sum(r.driver_cpu for r in rounds) * 1e3 / ok if ok else float("nan"),
+        proxy_cpu_ms=sum(c for c in proxy_cpu if c is not None) * 1e3 / ok
+        if ok and proxy_cpu and None not in proxy_cpu
+        else float("nan"),
+        proxy_late_p50_ms=max((r.proxy_late["p50_ms"] for r in late), default=math.nan),
+        proxy_late_p99_ms=max((r.proxy_late["p99_ms"] for r in late), default=math.nan),
+        ping_p50_ms=quantile(pings, 0.50) * 1e3,
+        ping_p99_ms=quantile(pings, 0.99) * 1e3,
+        pings=len(pings),
+        ping_errors=sum(r.ping_errors for r in rounds),
+        ping_notes=ping_notes[:5],
         error_samples=samples[:5],
     )
 
@@ -567,29 +843,53 @@ def _num(value: float, fmt: str) -> str:
     return "-" if math.isnan(value) else format(value, fmt)
 
 
-def report(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
-    """The results table, ratios and legend."""
+@dataclass
+class LatencyRun:
+    """One run of the whole comparison at one added database latency."""
+
+    round_trip: RoundTrip
+    summaries: dict[str, Summary]
+    rounds: dict[str, list[RoundResult]]
+    load: tuple[float, float]
+    """1-minute load average before and after the run."""
+
+
+def _added(ms: float) -> str:
+    return f"+{ms:g} ms"
+
+
+def _lost(s: Summary) -> str:
+    return f"{s.lost:,} / {s.acked:,} ({100 * s.lost / s.acked:.1f}%)" if s.acked else "-"
+
+
+def report(run: LatencyRun, args: argparse.Namespace) -> str:
+    """The results table of one run, its ratios and notes."""
+    summaries = run.summaries
+    proxied = run.round_trip.through_ms is not None
     header = [
         "system",
         "calls/s",
         "per round",
         "p50 ms",
         "p99 ms",
+        "ping p50 ms",
+        "ping p99 ms",
         "ok calls",
         "errors",
         "lost updates",
         "in PostgreSQL",
         "server CPU ms/call",
         "driver CPU ms/call",
+        *(["proxy CPU ms/call", "proxy late p50/p99 ms"] if proxied else []),
     ]
     rows = []
     notes = []
     for name, s in summaries.items():
         if s.status != "ok":
-            rows.append([name, "-", "-", "-", "-", "-", "-", "-", "not run", "-", "-"])
+            rows.append([name, *(["-"] * (len(header) - 1))])
+            rows[-1][header.index("in PostgreSQL")] = "not run"
             notes.append(f"- **{name}** not run: {s.status}")
             continue
-        lost = f"{s.lost:,} / {s.acked:,} ({100 * s.lost / s.acked:.1f}%)" if s.acked else "-"
         rows.append(
             [
                 name,
@@ -597,12 +897,22 @@ def report(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
                 " / ".join(_num(x, ",.0f") for x in s.per_round),
                 _num(s.p50_ms, ",.1f"),
                 _num(s.p99_ms, ",.1f"),
+                _num(s.ping_p50_ms, ",.1f"),
+                _num(s.ping_p99_ms, ",.1f"),
                 f"{s.ok:,}",
                 f"{s.errors:,}",
-                lost,
+                _lost(s),
                 s.stored,
                 _num(s.server_cpu_ms, ".2f"),
                 _num(s.driver_cpu_ms, ".2f"),
+                *(
+                    [
+                        _num(s.proxy_cpu_ms, ".2f"),
+                        f"{_num(s.proxy_late_p50_ms, '.2f')} / {_num(s.proxy_late_p99_ms, '.2f')}",
+                    ]
+                    if proxied
+                    else []
+                ),
             ]
         )
         if s.error_samples:
@@ -612,42 +922,151 @@ def report(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
                 f"- **{name}**: {s.unacked_in_carts} items in carts whose call reported a failure, "
                 f"{s.duplicates} duplicate items"
             )
+        if s.ping_errors or s.ping_notes:
+            notes.append(
+                f"- **{name}** ping client: {s.pings:,} answered, {s.ping_errors:,} failed"
+                + ("; " + "; ".join(f"`{e}`" for e in s.ping_notes[:3]) if s.ping_notes else "")
+            )
     mode = f"{args.duration:g} s timed" if args.calls is None else f"{args.calls} timed calls per session"
+    check = run.round_trip
+    if proxied:
+        database = (
+            f"PostgreSQL round trip {_added(check.added_ms)} through the delay proxy (`SELECT 1` median, idle: "
+            f"{check.direct_ms:.2f} ms direct, {check.through_ms:.2f} ms through it)"
+        )
+    else:
+        database = f"PostgreSQL direct on loopback (`SELECT 1` median, idle: {check.direct_ms:.2f} ms)"
     out = [
         (
-            f"\nCart workload over streamable HTTP on 127.0.0.1: {args.sessions} sessions x {args.inflight} calls in "
-            f"flight, {args.rounds} rounds ({mode} per system per round, order reversed each round), "
-            f"{args.warmup_calls} warm-up calls per session per round\n"
+            f"\nCart workload over streamable HTTP on 127.0.0.1, {database}: {args.sessions} sessions x "
+            f"{args.inflight} calls in flight, {args.rounds} rounds ({mode} per system per round, order reversed "
+            f"each round), {args.warmup_calls} warm-up calls per session per round, a ping every "
+            f"{args.ping_interval_ms:g} ms; 1-minute load average {run.load[0]:.1f} before, {run.load[1]:.1f} after\n"
         ),
         markdown_table(header, rows),
     ]
-    ratios = []
-    base = summaries.get("concierge")
-    if base and base.status == "ok":
-        for other in COMPARED:
-            s = summaries.get(other)
-            if s and s.status == "ok" and s.calls_per_s > 0:
-                ratios.append(
-                    f"- concierge / {other}: {base.calls_per_s / s.calls_per_s:.2f}x calls/s, "
-                    f"p50 latency {base.p50_ms / s.p50_ms:.2f}x, p99 latency {base.p99_ms / s.p99_ms:.2f}x"
-                )
+    ratios = [
+        f"- concierge / {other}: {line}"
+        for other in COMPARED
+        if (line := _ratio_line(summaries.get("concierge"), summaries.get(other)))
+    ]
     if ratios:
         out += ["\nRatios\n", *ratios]
-    out += [
-        (
-            "\ncalls/s: acknowledged timed `add_to_cart` calls per second of timed phase, all rounds pooled "
-            "(per round: the same, each round). p50/p99: latency of one call as the client sees it (queueing "
-            "behind the same session's other calls included). lost updates: acknowledged items (warm-up included) "
-            "missing from their session's cart at the end (= successful adds - items in carts when no failed call "
-            "wrote). in PostgreSQL: carts / items found in the system's tables after the last round (✓ = as many "
-            "items as the final `view_cart` calls returned in all). CPU ms/call: CPU time of the server process "
-            "(PostgreSQL's own not included) and of this load driver during the timed phase, per acknowledged "
-            "timed call."
-        ),
-    ]
     if notes:
         out += ["\nNotes\n", *notes]
     return "\n".join(out)
+
+
+def _ratio_line(base: Summary | None, other: Summary | None) -> str | None:
+    if not (base and other and base.status == "ok" and other.status == "ok" and other.calls_per_s > 0):
+        return None
+    return (
+        f"{base.calls_per_s / other.calls_per_s:.2f}x calls/s, p50 latency {base.p50_ms / other.p50_ms:.2f}x, "
+        f"p99 latency {base.p99_ms / other.p99_ms:.2f}x, ping p99 {base.ping_p99_ms / other.ping_p99_ms:.2f}x"
+    )
+
+
+def round_trip_table(runs: list[LatencyRun]) -> str:
+    """How much each run's PostgreSQL round trip actually gained."""
+    rows = []
+    for run in runs:
+        c = run.round_trip
+        if c.through_ms is None:
+            rows.append([_added(c.added_ms), "direct", f"{c.direct_ms:.3f}", "-", "-", "-", "-"])
+            continue
+        rows.append(
+            [
+                _added(c.added_ms),
+                "delay proxy",
+                f"{c.direct_ms:.3f}",
+                _num(c.bare_proxy_ms if c.bare_proxy_ms is not None else math.nan, ".3f"),
+                _num(c.one_way_ms if c.one_way_ms is not None else math.nan, ".3f"),
+                f"{c.through_ms:.3f}",
+                f"+{c.through_ms - c.direct_ms:.3f}",
+            ]
+        )
+    header = [
+        "added round trip",
+        "servers reach PostgreSQL",
+        "direct ms",
+        "proxy, no delay, ms",
+        "held each way ms",
+        "through the proxy ms",
+        "measured gain ms",
+    ]
+    return (
+        "\nAdded latency, checked before each run: median of 300 `SELECT 1` round trips on one asyncpg connection, "
+        "idle (held each way: the proxy's delay per chunk, calibrated to that gain)\n\n" + markdown_table(header, rows)
+    )
+
+
+def side_by_side(runs: list[LatencyRun], args: argparse.Namespace) -> str:
+    """Every run's main figures in one table, and the ratios per run."""
+    added = " / ".join(_added(r.round_trip.added_ms) for r in runs)
+
+    def cells(name: str, value: Any) -> str:
+        got = []
+        for run in runs:
+            s = run.summaries[name]
+            got.append("-" if s.status != "ok" else value(s))
+        return " / ".join(got)
+
+    rows = [
+        [
+            name,
+            cells(name, lambda s: _num(s.calls_per_s, ",.0f")),
+            cells(name, lambda s: _num(s.p50_ms, ",.0f")),
+            cells(name, lambda s: _num(s.p99_ms, ",.0f")),
+            cells(name, lambda s: _num(s.ping_p50_ms, ",.1f")),
+            cells(name, lambda s: _num(s.ping_p99_ms, ",.1f")),
+            cells(name, lambda s: f"{100 * s.lost / s.acked:.1f}%" if s.acked else "-"),
+        ]
+        for name in args.systems
+    ]
+    header = ["system", "calls/s", "p50 ms", "p99 ms", "ping p50 ms", "ping p99 ms", "lost updates"]
+    ratio_rows = []
+    for other in COMPARED:
+        if other not in args.systems or "concierge" not in args.systems:
+            continue
+        for label, attr in (
+            ("calls/s", "calls_per_s"),
+            ("p50 latency", "p50_ms"),
+            ("p99 latency", "p99_ms"),
+            ("ping p50", "ping_p50_ms"),
+            ("ping p99", "ping_p99_ms"),
+        ):
+            row = [f"concierge / {other}, {label}"]
+            for run in runs:
+                base, theirs = run.summaries["concierge"], run.summaries[other]
+                ok = base.status == "ok" and theirs.status == "ok" and getattr(theirs, attr) > 0
+                row.append(f"{getattr(base, attr) / getattr(theirs, attr):.2f}x" if ok else "-")
+            ratio_rows.append(row)
+    out = [
+        f"\nSide by side, PostgreSQL round trip {added} (each cell: the runs in that order)\n",
+        markdown_table(header, rows),
+    ]
+    if ratio_rows:
+        out += [
+            "\nRatios side by side\n",
+            markdown_table(["ratio", *(_added(r.round_trip.added_ms) for r in runs)], ratio_rows),
+        ]
+    return "\n".join(out)
+
+
+LEGEND = (
+    "\ncalls/s: acknowledged timed `add_to_cart` calls per second of timed phase, all rounds pooled "
+    "(per round: the same, each round). p50/p99: latency of one call as the client sees it (queueing "
+    "behind the same session's other calls included). ping p50/p99: latency of the `ping` calls (no state) "
+    "that one more client session, in a process of its own, makes during the timed phase, one at a time "
+    "on a fixed pace: how long an unrelated request waits on that server. lost updates: acknowledged items "
+    "(warm-up included) missing from their session's cart at the end (= successful adds - items in carts when "
+    "no failed call wrote). in PostgreSQL: carts / items found in the system's tables after the last round "
+    "(✓ = as many items as the final `view_cart` calls returned in all). CPU ms/call: CPU time of the server "
+    "process (PostgreSQL's own not included), of this load driver and of the delay proxy during the timed "
+    "phase, per acknowledged timed call. proxy late: how long after its due time the delay proxy released a "
+    "chunk during the timed phase (the worst round's p50 and p99), added on top of the calibrated delay. "
+    "Added round trip: " + MECHANISM + "; +0 ms = no proxy."
+)
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -666,64 +1085,34 @@ async def count_stored(peer: Peer, url: str) -> tuple[int, int]:
 
 
 async def run(args: argparse.Namespace) -> int:
-    """Install, start, measure, verify, report."""
+    """Install, then per added latency: start, measure, verify; report."""
     load_before = os.getloadavg()[0]
     environments: dict[str, Installed] = {}
-    summaries: dict[str, Summary] = {name: Summary(name) for name in args.systems}
+    install_failures: dict[str, str] = {}
     for name in args.systems:
         try:
             environments[name] = await asyncio.to_thread(ensure_environment, PEERS[name], args.reinstall)
         except Exception as exc:  # noqa: BLE001 - reported in its row
-            summaries[name].status = f"install failed: {_describe(exc)}"
+            install_failures[name] = f"install failed: {_describe(exc)}"
     stores = Stores(args.postgres_url)
     reason = await stores.available("postgres")
     if reason:
         print(f"no PostgreSQL: {reason}", file=sys.stderr)
         return 1
-    rounds: dict[str, list[RoundResult]] = {name: [] for name in args.systems}
-    urls: dict[str, str] = {}
+    runs: list[LatencyRun] = []
     try:
-        async with _servers(args.systems, environments, stores, summaries, urls) as servers:
-            order = [name for name in args.systems if name in servers]
-            for number in range(args.rounds):
-                for name in order if number % 2 == 0 else list(reversed(order)):
-                    print(f"round {number + 1}/{args.rounds}: {name} ...", file=sys.stderr)
-                    try:
-                        rounds[name].append(await run_round(servers[name], name, number, args))
-                    except Exception as exc:  # noqa: BLE001 - reported in its row
-                        summaries[name].status = f"round {number + 1} failed: {_describe(exc)}"
-                        servers.pop(name)
-                        order.remove(name)
-                        break
-                    last = rounds[name][-1]
-                    print(
-                        f"  {last.ok / last.elapsed if last.elapsed else 0:,.0f} calls/s, {last.errors} errors, "
-                        f"{last.lost} lost",
-                        file=sys.stderr,
-                    )
-        for name in args.systems:
-            if summaries[name].status != "ok":
-                continue
-            status = summaries[name].status
-            summaries[name] = summarise(name, rounds[name])
-            summaries[name].status = status
-            summary = summaries[name]
-            if PEERS[name].count_sql is None:
-                summary.stored = "- (memory)"
-                continue
-            try:
-                carts, items = await count_stored(PEERS[name], urls[name])
-            except Exception as exc:  # noqa: BLE001 - e.g. no such table: the state went elsewhere
-                summary.stored_matches = False
-                summary.stored = f"✗ ({_describe(exc)})"
-                continue
-            summary.stored_matches = items == summary.in_carts and summary.sessions_failed == 0
-            mark = "✓" if summary.stored_matches else f"✗ (view_cart: {summary.in_carts:,})"
-            summary.stored = f"{carts:,} / {items:,} {mark}"
+        for added_ms in args.latency_ms:
+            runs.append(await compare(added_ms, args, environments, install_failures, stores))
     finally:
         await stores.close()
 
-    print(report(summaries, args))
+    if any(one.round_trip.through_ms is not None for one in runs):
+        print(round_trip_table(runs))
+    for one in runs:
+        print(report(one, args))
+    if len(runs) > 1:
+        print(side_by_side(runs, args))
+    print(LEGEND)
     print("\nSystems\n")
     noted: set[str] = set()
     for name in args.systems:
@@ -739,30 +1128,111 @@ async def run(args: argparse.Namespace) -> int:
     cores = os.cpu_count()
     load_after = os.getloadavg()[0]
     print(
-        f"\nPython {platform.python_version()}, {cores} CPUs shared by the load driver, the servers and "
-        f"PostgreSQL; 1-minute load average {load_before:.1f} before the run, {load_after:.1f} after; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
+        f"\nPython {platform.python_version()}, {cores} CPUs shared by the load driver, the servers, the ping "
+        f"client, the delay proxy and PostgreSQL; 1-minute load average {load_before:.1f} before the run, "
+        f"{load_after:.1f} after; {time.strftime('%Y-%m-%d %H:%M')}"
     )
     if args.json:
+
+        def systems(one: LatencyRun) -> dict[str, Any]:
+            return {
+                name: {
+                    "api": PEERS[name].api,
+                    "store": PEERS[name].store,
+                    "environment": asdict(environments[name]) if name in environments else None,
+                    "summary": asdict(one.summaries[name]),
+                    "rounds": [
+                        {k: v for k, v in asdict(r).items() if k not in ("latencies", "ping_latencies")}
+                        for r in one.rounds[name]
+                    ],
+                }
+                for name in args.systems
+            }
+
         document = {
             "config": {k: v for k, v in vars(args).items() if k != "postgres_url"},
             "python": platform.python_version(),
             "cpus": cores,
             "load_average": [load_before, load_after],
-            "systems": {
-                name: {
-                    "api": PEERS[name].api,
-                    "store": PEERS[name].store,
-                    "environment": asdict(environments[name]) if name in environments else None,
-                    "summary": asdict(summaries[name]),
-                    "rounds": [{k: v for k, v in asdict(r).items() if k != "latencies"} for r in rounds[name]],
-                }
-                for name in args.systems
-            },
+            "latency_mechanism": MECHANISM,
+            # The first run's systems at the top level, where single-run readers look for them.
+            "systems": systems(runs[0]),
+            "runs": [
+                {"round_trip": asdict(one.round_trip), "load_average": list(one.load), "systems": systems(one)}
+                for one in runs
+            ],
         }
         Path(args.json).write_text(json.dumps(document, indent=2, default=str))
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
+
+
+async def compare(
+    added_ms: float,
+    args: argparse.Namespace,
+    environments: dict[str, Installed],
+    install_failures: dict[str, str],
+    stores: Stores,
+) -> LatencyRun:
+    """One run of the whole comparison with `added_ms` added to every server's PostgreSQL round trip."""
+    from contextlib import AsyncExitStack
+
+    load_before = os.getloadavg()[0]
+    summaries = {name: Summary(name, status=install_failures.get(name, "ok")) for name in args.systems}
+    rounds: dict[str, list[RoundResult]] = {name: [] for name in args.systems}
+    urls: dict[str, str] = {}
+    admin = stores.postgres_admin_url
+    async with AsyncExitStack() as stack:
+        proxy: Proxy | None = None
+        if added_ms > 0:
+            proxy = await stack.enter_async_context(delay_proxy(admin, added_ms, stores.tmp))
+            check = await proxy.calibrate(admin)
+            print(
+                f"== PostgreSQL round trip {_added(added_ms)}: SELECT 1 median {check.direct_ms:.3f} ms direct, "
+                f"{check.through_ms:.3f} ms through the delay proxy holding chunks {check.one_way_ms:.3f} ms "
+                f"each way (with no delay: {check.bare_proxy_ms:.3f} ms)",
+                file=sys.stderr,
+            )
+        else:
+            check = RoundTrip(0.0, await select_1_ms(admin))
+            print(f"== PostgreSQL direct: SELECT 1 median {check.direct_ms:.3f} ms", file=sys.stderr)
+        servers = await stack.enter_async_context(_servers(args.systems, environments, stores, summaries, urls, proxy))
+        order = [name for name in args.systems if name in servers]
+        for number in range(args.rounds):
+            for name in order if number % 2 == 0 else list(reversed(order)):
+                print(f"round {number + 1}/{args.rounds}: {name} ...", file=sys.stderr)
+                try:
+                    rounds[name].append(await run_round(servers[name], name, number, args, proxy))
+                except Exception as exc:  # noqa: BLE001 - reported in its row
+                    summaries[name].status = f"round {number + 1} failed: {_describe(exc)}"
+                    servers.pop(name)
+                    order.remove(name)
+                    break
+                last = rounds[name][-1]
+                pings = quantile(last.ping_latencies, 0.99) * 1e3
+                print(
+                    f"  {last.ok / last.elapsed if last.elapsed else 0:,.0f} calls/s, {last.errors} errors, "
+                    f"{last.lost} lost, ping p99 {_num(pings, '.1f')} ms",
+                    file=sys.stderr,
+                )
+    for name in args.systems:
+        if summaries[name].status != "ok":
+            continue
+        summaries[name] = summarise(name, rounds[name])
+        summary = summaries[name]
+        if PEERS[name].count_sql is None:
+            summary.stored = "- (memory)"
+            continue
+        try:
+            carts, items = await count_stored(PEERS[name], urls[name])
+        except Exception as exc:  # noqa: BLE001 - e.g. no such table: the state went elsewhere
+            summary.stored_matches = False
+            summary.stored = f"✗ ({_describe(exc)})"
+            continue
+        summary.stored_matches = items == summary.in_carts and summary.sessions_failed == 0
+        mark = "✓" if summary.stored_matches else f"✗ (view_cart: {summary.in_carts:,})"
+        summary.stored = f"{carts:,} / {items:,} {mark}"
+    return LatencyRun(check, summaries, rounds, (load_before, os.getloadavg()[0]))
 
 
 @asynccontextmanager
@@ -772,8 +1242,9 @@ async def _servers(
     stores: Stores,
     summaries: dict[str, Summary],
     urls: dict[str, str],
+    proxy: Proxy | None = None,
 ) -> AsyncIterator[dict[str, Server]]:
-    """Every installable system's server, each on a fresh database; a server that fails to start is reported."""
+    """Every installable system's server, each on a fresh database (through `proxy` if given); failures reported."""
     from contextlib import AsyncExitStack
 
     servers: dict[str, Server] = {}
@@ -787,7 +1258,7 @@ async def _servers(
             print(f"starting {name} ...", file=sys.stderr)
             try:
                 servers[name] = await stack.enter_async_context(
-                    serve(PEERS[name], environments[name].python, url, stores.tmp)
+                    serve(PEERS[name], environments[name].python, proxy.via(url) if proxy else url, stores.tmp)
                 )
             except Exception as exc:  # noqa: BLE001 - reported in its row
                 summaries[name].status = f"server failed: {_describe(exc)}"
@@ -810,6 +1281,14 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(PEERS),
         help=f"comma-separated subset of {','.join(PEERS)} (default: all)",
     )
+    parser.add_argument(
+        "--latency-ms",
+        default="0",
+        help="comma-separated round-trip times added between the servers and PostgreSQL, one run each (default 0)",
+    )
+    parser.add_argument(
+        "--ping-interval-ms", type=float, default=50.0, help="pace of the ping client's calls (default 50)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--reinstall", action="store_true", help="recreate the peers' virtualenvs")
     args = parser.parse_args(argv)
@@ -821,6 +1300,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(PEERS)}")
     if args.sessions < 1 or args.inflight < 1 or args.rounds < 1:
         parser.error("--sessions, --inflight and --rounds must be at least 1")
+    try:
+        args.latency_ms = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--latency-ms: {args.latency_ms!r} is not a comma-separated list of numbers")
+    if not args.latency_ms or min(args.latency_ms) < 0 or args.ping_interval_ms <= 0:
+        parser.error("--latency-ms needs at least one value, none negative; --ping-interval-ms must be positive")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     return asyncio.run(run(args))
 

@@ -11,6 +11,11 @@ Three measurements, each through the SDK's in-process `mcp.client.Client(app)`:
    `set_state`) on `Concierge`, against the same tool without state on a plain
    `MCPServer`, with the default (2026-07-28, session handles) client and with
    `mode="legacy"` (one session per connection). Ratio = stateful / stateless.
+   With the default client two more rows: the same app with its store's
+   change feed refused (every call loads its session: what the feed saves),
+   and the session roaming round-robin between two apps on one store (each
+   call finds the session written last by the other app: what sticky
+   traffic saves).
    With `--transports ...,http` it is measured a second time over real
    streamable HTTP on 127.0.0.1: each server (the plain `MCPServer` and
    `Concierge` on the same backend) runs in its own subprocess under uvicorn,
@@ -530,17 +535,84 @@ def _sqlite_bulk(path: str, sessions: int, now: float) -> None:
 
 
 # -- the three measurements ----------------------------------------------------------------
+@dataclass
+class RoundRobin(Series):
+    """A series whose calls alternate between two clients, each of another app on the same store.
+
+    What a session sees behind a round-robin balancer in front of two processes:
+    each call finds the session written last by the other one.
+    """
+
+    other: Client | None = None
+    conflicts: int = 0
+    calls: int = 0
+
+    async def call(self) -> None:
+        client, self.client = self.client, self.other
+        self.other = client
+        self.calls += 1
+        assert self.client is not None
+        result = await self.client.call_tool(self.tool, self.arguments)
+        if result.is_error:
+            if not any("conflict:" in getattr(c, "text", "") for c in result.content):
+                raise RuntimeError(f"{self.label}: {self.tool} failed: {result.content}")
+            self.conflicts += 1  # reported, as the app's on_conflict="error" reports it to the caller
+            return
+        handle = (result.meta or {}).get(HANDLE_KEY)
+        if handle:
+            self.arguments = {**self.arguments, "session_id": handle}
+
+
+def _without_feed(app: Concierge) -> Concierge:
+    """`app` with its store's change feed refused (every call loads its session, as before there was one)."""
+
+    async def no_feed(on_change: Any) -> bool:
+        return False
+
+    app.state_backend.watch = no_feed  # type: ignore[method-assign]
+    return app
+
+
 async def throughput(stores: Stores, kind: str, calls: int, rounds: int) -> list[list[str]]:
+    """Stateful vs stateless calls, per client; on the 2026-07-28 client also: the store's change feed
+    refused, and the session roaming round-robin between two apps on one store."""
     rows = []
+    keys = {"handle_keys": "bench-handle-key-0123456789abcdef"}  # one signer for the apps sharing a store
     for mode, client_name in (("auto", "2026-07-28 (handles)"), ("legacy", "legacy (per connection)")):
         state, url = await stores.fresh(kind)
         async with AsyncExitStack() as stack:
             plain = await stack.enter_async_context(connected(stateless_app(), mode))
-            stateful = await stack.enter_async_context(connected(stateful_app(state, url), mode))
+            stateful = await stack.enter_async_context(connected(stateful_app(state, url, **keys), mode))
             base = Series("stateless", plain, "bump")
             measured = Series("stateful", stateful, "bump", dict(NEW))
-            await interleave([base, measured], calls, rounds)
+            series = [base, measured]
+            if mode == "auto":
+                other_state, other_url = await stores.fresh(kind)
+                no_feed = _without_feed(stateful_app(other_state, other_url, **keys))
+                unfed = Series("no feed", await stack.enter_async_context(connected(no_feed, mode)), "bump", dict(NEW))
+                shared_state, shared_url = await stores.fresh(kind)
+                first = stateful_app(shared_state, shared_url, **keys)
+                second = stateful_app(shared_state, shared_url, **keys)  # memory: the same dict
+                roaming = RoundRobin(
+                    "roaming",
+                    await stack.enter_async_context(connected(first, mode)),
+                    "bump",
+                    dict(NEW),
+                    other=await stack.enter_async_context(connected(second, mode)),
+                )
+                series += [unfed, roaming]
+            await interleave(series, calls, rounds)
         rows.append(ratio_row(kind, client_name, base, measured))
+        if mode == "auto":
+            rows.append(ratio_row(kind, client_name + ", no change feed", base, unfed))
+            rows.append(
+                ratio_row(
+                    kind,
+                    f"{client_name}, roaming over 2 apps ({roaming.conflicts} conflicts in {roaming.calls} calls)",
+                    base,
+                    roaming,
+                )
+            )
     return rows
 
 

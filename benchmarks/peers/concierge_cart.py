@@ -4,7 +4,8 @@
 
 Serves streamable HTTP on 127.0.0.1:<port>/mcp until SIGTERM. The tools are the
 README's quick start; `add_to_cart` answers with the cart's size instead of the
-whole cart so that every system in the comparison sends the same small reply.
+whole cart so that every system in the comparison sends the same small reply. `ping`
+touches no state: it shows how long an unrelated call waits while the cart calls run.
 The store URL comes from the environment, so no password is on a command line.
 """
 
@@ -32,6 +33,12 @@ def add_to_cart(item: str) -> dict:
 def view_cart() -> dict:
     """Show the cart."""
     return {"cart": app.get_state("cart", [])}
+
+
+@app.tool()
+async def ping() -> dict:
+    """Answer at once (no state): how long an unrelated call waits on a busy server."""
+    return {"pong": True}
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ memory). That backend expects its tables to exist ("Tables must exist (see
 schema.sql)"), so the DDL of the project's `state/schema.sql`, which the wheel
 does not ship, is applied first.
 
-`add_to_cart` answers with the cart's size, as every system in the comparison does.
+`add_to_cart` answers with the cart's size, and `ping` (async, no state) answers at
+once, as on every system in the comparison.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def build(port: int) -> Concierge:
     def view_cart() -> dict:
         """Show the cart."""
         return {"cart": app.get_state("cart", [])}
+
+    @app.tool()
+    async def ping() -> dict:
+        """Answer at once (no state): how long an unrelated call waits on a busy server."""
+        return {"pong": True}
 
     return app
 

@@ -19,7 +19,8 @@ asyncpg store; one `kv_store` table):
   `await get_session(session_id)` resolves (`fastmcp.server.sessions`; the
   "Distinct sessions" example of docs/servers/sessions.mdx is this very cart).
 
-`add_to_cart` answers with the cart's size, as every system in the comparison does.
+`add_to_cart` answers with the cart's size, and `ping` (async, no state) answers at
+once, as on every system in the comparison.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def main() -> None:
     args = parser.parse_args()
     url = os.environ["BENCH_STATE_URL"]
     mcp = context_api_server(url) if args.api == "context" else session_id_api_server(url)
+
+    @mcp.tool
+    async def ping() -> dict:
+        """Answer at once (no state): how long an unrelated call waits on a busy server."""
+        return {"pong": True}
+
     mcp.run(transport="http", host="127.0.0.1", port=args.port, show_banner=False, log_level="WARNING")
 
 

@@ -9,6 +9,7 @@ anywhere else, nothing survives the process, and no other process can serve
 the session. The tools are `async`, so the SDK runs them on its event loop
 (no worker thread) and a read-modify-write of one cart is never interleaved.
 What this server costs per call is what the SDK's HTTP path costs on its own.
+`ping` touches no cart, as on every system in the comparison.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ async def add_to_cart(item: str, ctx: Context) -> dict:
 async def view_cart(ctx: Context) -> dict:
     """Show the cart."""
     return {"cart": list(_cart(ctx))}
+
+
+@app.tool()
+async def ping() -> dict:
+    """Answer at once (no state): how long an unrelated call waits on a busy server."""
+    return {"pong": True}
 
 
 def main() -> None:

@@ -342,6 +342,12 @@ class StateBackend(ABC):
         """
         return False
 
+    async def catch_up(self) -> bool:
+        """`caught_up`, after letting in the notices already on their way (a pushed feed yields to the event
+        loop so a notice waiting in its socket is read first). What the store asks before a call starts from
+        held values; the default is `caught_up()`."""
+        return self.caught_up()
+
     @abstractmethod
     async def touch(self, session_id: str, *, expires_at: float | None, now: float) -> bool:
         """Move a live session's expiry to `expires_at` without changing its version.

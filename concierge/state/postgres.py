@@ -222,6 +222,12 @@ class PostgresBackend(SQLBackend):
     def caught_up(self) -> bool:
         return self._listener is not None and not self._listener.is_closed()
 
+    async def catch_up(self) -> bool:
+        # Two turns of the loop: one reads a notice waiting in the socket, the next runs its callback.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return self.caught_up()
+
     async def _listen(self) -> None:
         conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout)
         try:

@@ -3,16 +3,23 @@
 It loads a record into a `WorkingCopy`, commits the dirty copies of one unit
 of work in one atomic backend call, renews the expiry of a session a call only
 read, and keeps two things per process: a bounded cache of the last committed
-values of each record (so a call on a record this process wrote last reads no
-values again), and a lock per record (so calls in one process never conflict
-with each other).
+values of each record, and a lock per record (so calls in one process never
+conflict with each other).
+
+The cache: a call on a record this process served last reads no values again
+(the load checks the version only); and while the backend's change feed is
+live (`StateBackend.watch`), it is not read at all - its commit's version check
+proves the held values current. A record another process wrote lately is read
+before each call for `SHARED_FOR` seconds (it roams: a notice of its next
+change may be on its way). A commit that lost the version race moves onto the
+newer version when the unit read nothing that changed (`WorkingCopy.rebase`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,10 +32,13 @@ from concierge.state.base import UNCHANGED, Commit, SessionRecord, StateBackend
 from concierge.work.record import WorkingCopy
 from concierge.work.telemetry import INSTRUMENTS
 
-__all__ = ["REBASES", "SessionStore"]
+__all__ = ["REBASES", "SHARED_FOR", "SessionStore"]
 
 REBASES = 3
 """Times a commit that lost a version race moves onto the newer version and tries again (see `commit`)."""
+SHARED_FOR = 60.0
+"""Seconds a record another process wrote is loaded before each call, not started from held values."""
+SHARED_AT_MOST = 4096
 
 
 @dataclass(slots=True)
@@ -90,34 +100,38 @@ class _Snapshots:
 class _Locks:
     """Per-record locks that exist only while someone holds or waits for them.
 
-    Semaphores, not locks: a bucket loaded on first use is acquired by a task
-    started from a worker thread and released by the request's own task.
+    An uncontended acquire takes the lock with no await and no lock object;
+    a waiter queues an event that the holder's release sets, handing the lock
+    over. Any task may release a lock another acquired: a bucket loaded on
+    first use is acquired by a task started from a worker thread and released
+    by the request's own task.
     """
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[anyio.Semaphore, int]] = {}
+        self._held: dict[str, deque[anyio.Event]] = {}
 
     async def acquire(self, record_id: str) -> None:
-        lock, users = self._locks.get(record_id, (None, 0))
-        if lock is None:
-            lock = anyio.Semaphore(1, fast_acquire=True)  # no scheduler round trip when uncontended
-        self._locks[record_id] = (lock, users + 1)
+        waiters = self._held.get(record_id)
+        if waiters is None:
+            self._held[record_id] = deque()
+            return
+        turn = anyio.Event()
+        waiters.append(turn)
         try:
-            await lock.acquire()
+            await turn.wait()
         except BaseException:
-            self._unuse(record_id)
+            if turn.is_set():  # handed over as this wait was cancelled: pass it on
+                self.release(record_id)
+            else:
+                waiters.remove(turn)
             raise
 
     def release(self, record_id: str) -> None:
-        self._locks[record_id][0].release()
-        self._unuse(record_id)
-
-    def _unuse(self, record_id: str) -> None:
-        lock, users = self._locks[record_id]
-        if users == 1:
-            del self._locks[record_id]
+        waiters = self._held[record_id]
+        if waiters:
+            waiters.popleft().set()  # the next waiter holds it now
         else:
-            self._locks[record_id] = (lock, users - 1)
+            del self._held[record_id]
 
 
 class SessionStore:
@@ -168,6 +182,10 @@ class SessionStore:
         self._feed = False
         """Whether the backend's change feed is on (see `StateBackend.watch`)."""
         self._flights: dict[str, list[float]] = {}
+        self._shared: OrderedDict[str, float] = OrderedDict()
+        """Records another process wrote lately (when this process heard or met it): loaded before each call
+        for `SHARED_FOR` seconds, so a session that roams between processes does not start from values a
+        notice still on its way would have dropped."""
         """Records being loaded or committed: [calls in flight, the newest version the feed told of meanwhile]."""
 
     @asynccontextmanager
@@ -226,6 +244,23 @@ class SessionStore:
         held = self._snapshots.peek(record_id)
         if held is not None and heard > held.version:
             self._snapshots.drop(record_id)
+            if flight is None:  # in flight, it may be this process's own commit: judged when it lands
+                self._share(record_id)
+
+    def _share(self, record_id: str) -> None:
+        self._shared[record_id] = self.clock()
+        self._shared.move_to_end(record_id)
+        while len(self._shared) > SHARED_AT_MOST:
+            self._shared.popitem(last=False)
+
+    def _roams(self, record_id: str, now: float) -> bool:
+        since = self._shared.get(record_id)
+        if since is None:
+            return False
+        if now - since < SHARED_FOR:
+            return True
+        del self._shared[record_id]
+        return False
 
     def _depart(self, record_id: str) -> None:
         flight = self._flights.get(record_id)
@@ -246,16 +281,13 @@ class SessionStore:
     def holds(self, record_id: str) -> bool:
         """Whether the next load of `record_id` makes no round trip (this process holds its latest version)."""
         held = self._snapshots.peek(record_id)
-        return held is not None and self._current(held, self.clock())
+        now = self.clock()
+        if held is None or not self._current(held, now) or self._roams(record_id, now) or not self.backend.caught_up():
+            return False
+        return self._snapshots.peek(record_id) is held and held.trusted
 
     def _current(self, held: _Held, now: float) -> bool:
-        return (
-            held.trusted
-            and self._feed
-            and (held.expires_at is None or held.expires_at > now)
-            and self.backend.caught_up()
-            and held.trusted  # catching up may have told of changes
-        )
+        return held.trusted and self._feed and (held.expires_at is None or held.expires_at > now)
 
     # -- load -------------------------------------------------------------------
     async def load(self, record_id: str, *, create: bool) -> WorkingCopy | None:
@@ -268,7 +300,14 @@ class SessionStore:
         """
         now = self.clock()
         held = self._snapshots.get(record_id)
-        if held is not None and self._current(held, now):
+        if (
+            held is not None
+            and self._current(held, now)
+            and not self._roams(record_id, now)
+            and await self.backend.catch_up()
+            and self._snapshots.peek(record_id) is held  # catching up may have told of a change
+            and held.trusted
+        ):
             copy = self._copy(record_id, held)
             copy.base_bytes = held.size
             return copy
@@ -303,6 +342,8 @@ class SessionStore:
             record.expires_at,
             trusted=live and heard <= record.version,
         )
+        if heard > record.version:
+            self._share(record_id)  # another process wrote it while it was being read
         self._snapshots.put(record_id, fresh)
         copy = self._copy(record_id, fresh)
         copy.base_bytes = size
@@ -398,10 +439,12 @@ class SessionStore:
             else:
                 versions = await self.backend.commit_all(commits, now=now)
             live = self._feed and self.backend.caught_up()
-        except BaseException:
+        except BaseException as exc:
             for c in dirty:
                 self._arrive(c.session_id)
                 self._snapshots.drop(c.session_id)
+                if isinstance(exc, ConflictError):
+                    self._share(c.session_id)
             raise
         for c, commit, version, size in zip(dirty, commits, versions, sizes):
             heard = self._arrive(c.session_id)
@@ -416,6 +459,8 @@ class SessionStore:
                 commit.expires_at,
                 trusted=live and heard <= version,
             )
+            if heard > version:
+                self._share(c.session_id)
             self._snapshots.put(c.session_id, held)
 
     async def _rebased(self, dirty: list[WorkingCopy]) -> bool:
