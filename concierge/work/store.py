@@ -182,6 +182,8 @@ class SessionStore:
         self._feed = False
         """Whether the backend's change feed is on (see `StateBackend.watch`)."""
         self._flights: dict[str, list[float]] = {}
+        """Records being loaded or committed: [calls in flight, the newest version the feed told of meanwhile,
+        1 when what lands may be stale for another reason]."""
         self._shared: OrderedDict[str, float] = OrderedDict()
         """Records another process wrote lately (when this process heard or met it): loaded before each call
         for `SHARED_FOR` seconds, so a session that roams between processes does not start from values a
@@ -235,7 +237,7 @@ class SessionStore:
         if record_id is None:
             self._snapshots.distrust()
             for flight in self._flights.values():
-                flight[1] = math.inf
+                flight[2] = 1.0  # what lands now may be stale, though nobody is known to have written it
             return
         heard = math.inf if version is None else float(version)
         flight = self._flights.get(record_id)
@@ -265,18 +267,19 @@ class SessionStore:
     def _depart(self, record_id: str) -> None:
         flight = self._flights.get(record_id)
         if flight is None:
-            self._flights[record_id] = [1, -1.0]
+            self._flights[record_id] = [1, -1.0, 0.0]
         else:
             flight[0] += 1
-            flight[1] = math.inf  # two at once: neither result is trusted
+            flight[2] = 1.0  # two at once: neither result is trusted
 
-    def _arrive(self, record_id: str) -> float:
-        """End a flight; the newest version the feed told of during it."""
+    def _arrive(self, record_id: str) -> tuple[float, bool]:
+        """End a flight: the newest version the feed told of during it (`inf`: deleted), and whether what
+        landed may be stale for another reason (changes may have been missed, or two flights at once)."""
         flight = self._flights[record_id]
         flight[0] -= 1
         if flight[0] == 0:
             del self._flights[record_id]
-        return flight[1]
+        return flight[1], flight[2] > 0
 
     def holds(self, record_id: str) -> bool:
         """Whether the next load of `record_id` makes no round trip (this process holds its latest version)."""
@@ -321,7 +324,7 @@ class SessionStore:
                 )
             live = self._feed and self.backend.caught_up()  # before landing: what it tells counts for this flight
         finally:
-            heard = self._arrive(record_id)
+            heard, spoiled = self._arrive(record_id)
         if record is None:
             self._snapshots.drop(record_id)
             if not create:
@@ -340,7 +343,7 @@ class SessionStore:
             record.stage,
             record.owner,
             record.expires_at,
-            trusted=live and heard <= record.version,
+            trusted=live and not spoiled and heard <= record.version,
         )
         if heard > record.version:
             self._share(record_id)  # another process wrote it while it was being read
@@ -447,7 +450,7 @@ class SessionStore:
                     self._share(c.session_id)
             raise
         for c, commit, version, size in zip(dirty, commits, versions, sizes):
-            heard = self._arrive(c.session_id)
+            heard, spoiled = self._arrive(c.session_id)
             created_at = now if c.version == 0 else c.created_at  # a creating commit starts a new life
             held = _Held(
                 version,
@@ -457,7 +460,7 @@ class SessionStore:
                 c.stage,
                 c.owner,
                 commit.expires_at,
-                trusted=live and heard <= version,
+                trusted=live and not spoiled and heard <= version,
             )
             if heard > version:
                 self._share(c.session_id)
