@@ -78,6 +78,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -766,6 +767,8 @@ class Summary:
     """Load-driver CPU per acknowledged timed call."""
     proxy_cpu_ms: float = float("nan")
     """Delay-proxy CPU per acknowledged timed call (NaN: no proxy)."""
+    proxy_chunks_per_call: float = float("nan")
+    """Chunks the delay proxy relayed (both directions) per acknowledged timed call: ~2 per database round trip."""
     proxy_late_p50_ms: float = float("nan")
     proxy_late_p99_ms: float = float("nan")
     """How late the delay proxy released chunks during the timed phases (the worst round's quantiles)."""
@@ -814,6 +817,9 @@ def summarise(system: str, rounds: list[RoundResult]) -> Summary:
         else float("nan"),
         driver_cpu_ms=sum(r.driver_cpu for r in rounds) * 1e3 / ok if ok else float("nan"),
         proxy_cpu_ms=sum(c for c in proxy_cpu if c is not None) * 1e3 / ok
+        if ok and proxy_cpu and None not in proxy_cpu
+        else float("nan"),
+        proxy_chunks_per_call=sum(r.proxy_late["chunks"] for r in rounds if r.proxy_late) / ok
         if ok and proxy_cpu and None not in proxy_cpu
         else float("nan"),
         proxy_late_p50_ms=max((r.proxy_late["p50_ms"] for r in late), default=math.nan),
@@ -874,13 +880,14 @@ def report(run: LatencyRun, args: argparse.Namespace) -> str:
         "p99 ms",
         "ping p50 ms",
         "ping p99 ms",
+        "pings",
         "ok calls",
         "errors",
         "lost updates",
         "in PostgreSQL",
         "server CPU ms/call",
         "driver CPU ms/call",
-        *(["proxy CPU ms/call", "proxy late p50/p99 ms"] if proxied else []),
+        *(["proxy CPU ms/call", "DB chunks/call", "proxy late p50/p99 ms"] if proxied else []),
     ]
     rows = []
     notes = []
@@ -899,6 +906,7 @@ def report(run: LatencyRun, args: argparse.Namespace) -> str:
                 _num(s.p99_ms, ",.1f"),
                 _num(s.ping_p50_ms, ",.1f"),
                 _num(s.ping_p99_ms, ",.1f"),
+                f"{s.pings:,}",
                 f"{s.ok:,}",
                 f"{s.errors:,}",
                 _lost(s),
@@ -908,6 +916,7 @@ def report(run: LatencyRun, args: argparse.Namespace) -> str:
                 *(
                     [
                         _num(s.proxy_cpu_ms, ".2f"),
+                        _num(s.proxy_chunks_per_call, ".1f"),
                         f"{_num(s.proxy_late_p50_ms, '.2f')} / {_num(s.proxy_late_p99_ms, '.2f')}",
                     ]
                     if proxied
@@ -1058,13 +1067,16 @@ LEGEND = (
     "(per round: the same, each round). p50/p99: latency of one call as the client sees it (queueing "
     "behind the same session's other calls included). ping p50/p99: latency of the `ping` calls (no state) "
     "that one more client session, in a process of its own, makes during the timed phase, one at a time "
-    "on a fixed pace: how long an unrelated request waits on that server. lost updates: acknowledged items "
+    "on a fixed pace (pings: how many it made; a stalled server gets fewer): how long an unrelated request "
+    "waits on that server. lost updates: acknowledged items "
     "(warm-up included) missing from their session's cart at the end (= successful adds - items in carts when "
     "no failed call wrote). in PostgreSQL: carts / items found in the system's tables after the last round "
     "(✓ = as many items as the final `view_cart` calls returned in all). CPU ms/call: CPU time of the server "
     "process (PostgreSQL's own not included), of this load driver and of the delay proxy during the timed "
-    "phase, per acknowledged timed call. proxy late: how long after its due time the delay proxy released a "
-    "chunk during the timed phase (the worst round's p50 and p99), added on top of the calibrated delay. "
+    "phase, per acknowledged timed call. DB chunks/call: chunks the delay proxy relayed between the server and "
+    "PostgreSQL (both directions) per acknowledged timed call, about two per database round trip. proxy late: "
+    "how long after its due time the delay proxy released a chunk during the timed phase (the worst round's "
+    "p50 and p99), added on top of the calibrated delay. "
     "Added round trip: " + MECHANISM + "; +0 ms = no proxy."
 )
 
@@ -1086,6 +1098,10 @@ async def count_stored(peer: Peer, url: str) -> tuple[int, int]:
 
 async def run(args: argparse.Namespace) -> int:
     """Install, then per added latency: start, measure, verify; report."""
+    # SIGTERM unwinds like Ctrl-C: the servers, the proxy and the throwaway PostgreSQL are stopped.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     load_before = os.getloadavg()[0]
     environments: dict[str, Installed] = {}
     install_failures: dict[str, str] = {}
@@ -1307,7 +1323,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.latency_ms or min(args.latency_ms) < 0 or args.ping_interval_ms <= 0:
         parser.error("--latency-ms needs at least one value, none negative; --ping-interval-ms must be positive")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    except asyncio.CancelledError:
+        print("stopped by SIGTERM; everything it started is stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

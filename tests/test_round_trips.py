@@ -196,6 +196,10 @@ async def test_a_legacy_connection_reads_its_held_session_with_no_round_trip(sta
     backend = counting(backend_from_url(state_url))
     app, _ = shop(backend)
     async with Client(app, mode="legacy") as client:
+        backend.calls.clear()
+        for _ in range(3):  # a session never written: read once, then known to be absent
+            assert payload(await _call(client, "view", {}))["cart"] == []
+        assert backend.calls == ["load"]
         await _call(client, "add", {"item": "tea"})
         backend.calls.clear()
         await _call(client, "add", {"item": "jam"})

@@ -43,7 +43,7 @@ SHARED_AT_MOST = 4096
 
 @dataclass(slots=True)
 class _Held:
-    """What this process knows of a record as it last loaded or committed it."""
+    """What this process knows of a record as it last loaded or committed it (version 0: that it does not exist)."""
 
     version: int
     created_at: float
@@ -311,12 +311,14 @@ class SessionStore:
             and self._snapshots.peek(record_id) is held  # catching up may have told of a change
             and held.trusted
         ):
+            if held.version == 0:  # known not to exist
+                return self.blank(record_id) if create else None
             copy = self._copy(record_id, held)
             copy.base_bytes = held.size
             return copy
         self._depart(record_id)
         try:
-            if held is None:
+            if held is None or held.version == 0:
                 record = await self.backend.load(record_id, now=now)
             else:
                 record = await self.backend.load(
@@ -326,7 +328,10 @@ class SessionStore:
         finally:
             heard, spoiled = self._arrive(record_id)
         if record is None:
-            self._snapshots.drop(record_id)
+            if live and not spoiled and heard < 0:  # held as absent: the feed tells if anyone creates it
+                self._snapshots.put(record_id, _Held(0, 0.0, {}, 0, None, None, None, trusted=True))
+            else:
+                self._snapshots.drop(record_id)
             if not create:
                 return None
             return self.blank(record_id)
