@@ -37,7 +37,16 @@ from concierge import ids
 from concierge.errors import ConfigurationError, ConflictError
 from concierge.work import SessionStore
 
-__all__ = ["ENV_HANDLE_KEYS", "LEGACY_LENGTH", "Handle", "HandleSigner", "keys_from", "signer_for", "stored_keys"]
+__all__ = [
+    "ENV_HANDLE_KEYS",
+    "LEGACY_LENGTH",
+    "Handle",
+    "HandleSigner",
+    "key_list",
+    "keys_from",
+    "signer_for",
+    "stored_keys",
+]
 
 ENV_HANDLE_KEYS = "CONCIERGE_HANDLE_KEYS"
 _RANDOM, _TIME, _TAG = 16, 4, 16
@@ -59,16 +68,21 @@ class Handle:
     issued_at: float
 
 
-def keys_from(value: str | bytes | list[str | bytes] | None) -> list[bytes]:
-    """Handle keys from an option or `CONCIERGE_HANDLE_KEYS`; each at least 16 bytes."""
+def key_list(value: str | bytes | list[str | bytes] | None, env: str) -> list[bytes]:
+    """Keys as an option gives them (one or a list), else from the comma-separated variable `env`; as bytes."""
     if value is None:
-        raw = os.environ.get(ENV_HANDLE_KEYS, "")
+        raw = os.environ.get(env, "")
         items: list[str | bytes] = [k for k in raw.split(",") if k.strip()]
     elif isinstance(value, (str, bytes)):
         items = [value]
     else:
         items = list(value)
-    keys = [k.strip().encode() if isinstance(k, str) else k for k in items]
+    return [k.strip().encode() if isinstance(k, str) else k for k in items]
+
+
+def keys_from(value: str | bytes | list[str | bytes] | None) -> list[bytes]:
+    """Handle keys from an option or `CONCIERGE_HANDLE_KEYS`; each at least 16 bytes."""
+    keys = key_list(value, ENV_HANDLE_KEYS)
     for key in keys:
         if len(key) < 16:
             raise ConfigurationError(

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 
 from mcp.server.request_state import AESGCMRequestStateCodec, InvalidRequestState, RequestStateSecurity
 
 from concierge.errors import ConfigurationError
+from concierge.handles import key_list
 
 __all__ = ["ENV_REQUEST_STATE_KEYS", "MIN_KEY_BYTES", "UNNAMED_AUDIENCE", "SharedKeys", "derived", "keys_from"]
 
@@ -44,14 +44,7 @@ UNNAMED_AUDIENCE = "concierge:unnamed"
 
 def keys_from(value: str | bytes | list[str | bytes] | None) -> list[bytes]:
     """Request-state keys from an option or `CONCIERGE_REQUEST_STATE_KEYS` (empty: none given)."""
-    if value is None:
-        raw = os.environ.get(ENV_REQUEST_STATE_KEYS, "")
-        items: list[str | bytes] = [k for k in raw.split(",") if k.strip()]
-    elif isinstance(value, (str, bytes)):
-        items = [value]
-    else:
-        items = list(value)
-    keys = [k.strip().encode() if isinstance(k, str) else k for k in items]
+    keys = key_list(value, ENV_REQUEST_STATE_KEYS)
     for key in keys:
         if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
             got = f"one of {len(key)} bytes" if isinstance(key, bytes) else f"a {type(key).__name__}"
