@@ -55,6 +55,12 @@ class _Held:
     trusted: bool
     """Recorded while the store's change feed was live and heard of no newer version meanwhile."""
 
+    @classmethod
+    def of(cls, record: SessionRecord, values: dict[str, str], size: int | None, trusted: bool) -> _Held:
+        return cls(
+            record.version, record.created_at, values, size, record.stage, record.owner, record.expires_at, trusted
+        )
+
 
 class _Snapshots:
     """A bounded LRU of the last committed values per record, with their version and life.
@@ -188,7 +194,6 @@ class SessionStore:
         """Records another process wrote lately (when this process heard or met it): loaded before each call
         for `SHARED_FOR` seconds, so a session that roams between processes does not start from values a
         notice still on its way would have dropped."""
-        """Records being loaded or committed: [calls in flight, the newest version the feed told of meanwhile]."""
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[SessionStore]:
@@ -284,13 +289,24 @@ class SessionStore:
     def holds(self, record_id: str) -> bool:
         """Whether the next load of `record_id` makes no round trip (this process holds its latest version)."""
         held = self._snapshots.peek(record_id)
-        now = self.clock()
-        if held is None or not self._current(held, now) or self._roams(record_id, now) or not self.backend.caught_up():
+        if held is None or not self._current(record_id, held, self.clock()) or not self.backend.caught_up():
             return False
         return self._snapshots.peek(record_id) is held and held.trusted
 
-    def _current(self, held: _Held, now: float) -> bool:
-        return held.trusted and self._feed and (held.expires_at is None or held.expires_at > now)
+    def _current(self, record_id: str, held: _Held, now: float) -> bool:
+        """Whether `held` may serve a call without a load, as far as this process knows before catching up."""
+        live = held.expires_at is None or held.expires_at > now
+        return held.trusted and self._feed and live and not self._roams(record_id, now)
+
+    def _settle(self, record_id: str, version: int, live: bool) -> bool:
+        """End the flight of `record_id`, which landed at `version` (0: absent); whether that can be trusted.
+
+        A newer version the feed told of meanwhile is another process's: the record is marked as roaming.
+        """
+        heard, spoiled = self._arrive(record_id)
+        if heard > version:
+            self._share(record_id)
+        return live and not spoiled and heard <= version
 
     # -- load -------------------------------------------------------------------
     async def load(self, record_id: str, *, create: bool) -> WorkingCopy | None:
@@ -305,17 +321,14 @@ class SessionStore:
         held = self._snapshots.get(record_id)
         if (
             held is not None
-            and self._current(held, now)
-            and not self._roams(record_id, now)
+            and self._current(record_id, held, now)
             and await self.backend.catch_up()
             and self._snapshots.peek(record_id) is held  # catching up may have told of a change
             and held.trusted
         ):
             if held.version == 0:  # known not to exist
                 return self.blank(record_id) if create else None
-            copy = self._copy(record_id, held)
-            copy.base_bytes = held.size
-            return copy
+            return self._copy(record_id, held)
         self._depart(record_id)
         try:
             if held is None or held.version == 0:
@@ -325,10 +338,12 @@ class SessionStore:
                     record_id, now=now, known_version=held.version, known_created_at=held.created_at
                 )
             live = self._feed and self.backend.caught_up()  # before landing: what it tells counts for this flight
-        finally:
-            heard, spoiled = self._arrive(record_id)
+        except BaseException:
+            self._arrive(record_id)
+            raise
+        trusted = self._settle(record_id, 0 if record is None else record.version, live)
         if record is None:
-            if live and not spoiled and heard < 0:  # held as absent: the feed tells if anyone creates it
+            if trusted:  # held as absent: the feed tells if anyone creates it
                 self._snapshots.put(record_id, _Held(0, 0.0, {}, 0, None, None, None, trusted=True))
             else:
                 self._snapshots.drop(record_id)
@@ -340,22 +355,9 @@ class SessionStore:
             values, size = held.values, held.size
         else:
             values, size = record.values, None
-        fresh = _Held(
-            record.version,
-            record.created_at,
-            values,
-            size,
-            record.stage,
-            record.owner,
-            record.expires_at,
-            trusted=live and not spoiled and heard <= record.version,
-        )
-        if heard > record.version:
-            self._share(record_id)  # another process wrote it while it was being read
+        fresh = _Held.of(record, values, size, trusted)
         self._snapshots.put(record_id, fresh)
-        copy = self._copy(record_id, fresh)
-        copy.base_bytes = size
-        return copy
+        return self._copy(record_id, fresh)
 
     def blank(self, record_id: str) -> WorkingCopy:
         """An empty copy of a record known not to exist yet (its commit creates it)."""
@@ -366,16 +368,7 @@ class SessionStore:
 
         Its values can be read; changes to them are written nowhere.
         """
-        copy = WorkingCopy(
-            record.session_id,
-            version=record.version,
-            base=record.values or {},
-            stage=record.stage,
-            owner=record.owner,
-            expires_at=record.expires_at,
-            created_at=record.created_at,
-            max_value_bytes=self.max_value_bytes,
-        )
+        copy = self._copy(record.session_id, _Held.of(record, record.values or {}, None, trusted=False))
         copy.detached = True
         return copy
 
@@ -389,6 +382,7 @@ class SessionStore:
             expires_at=held.expires_at,
             created_at=held.created_at,
             max_value_bytes=self.max_value_bytes,
+            base_bytes=held.size,
         )
 
     # -- commit -----------------------------------------------------------------
@@ -455,20 +449,9 @@ class SessionStore:
                     self._share(c.session_id)
             raise
         for c, commit, version, size in zip(dirty, commits, versions, sizes):
-            heard, spoiled = self._arrive(c.session_id)
+            trusted = self._settle(c.session_id, version, live)
             created_at = now if c.version == 0 else c.created_at  # a creating commit starts a new life
-            held = _Held(
-                version,
-                created_at,
-                c.committed_values(),
-                size,
-                c.stage,
-                c.owner,
-                commit.expires_at,
-                trusted=live and not spoiled and heard <= version,
-            )
-            if heard > version:
-                self._share(c.session_id)
+            held = _Held(version, created_at, c.committed_values(), size, c.stage, c.owner, commit.expires_at, trusted)
             self._snapshots.put(c.session_id, held)
 
     async def _rebased(self, dirty: list[WorkingCopy]) -> bool:
