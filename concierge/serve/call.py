@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import replace
+from copy import copy
 from typing import Any
 
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -64,7 +64,8 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
         arguments = dict(arguments)
         supplied = arguments.pop(SESSION_ARG)
         params["arguments"] = arguments
-        ctx = replace(ctx, params=params)
+        ctx = copy(ctx)  # as dataclasses.replace, without re-running the constructor
+        ctx.params = params
     if not isinstance(name, str):
         return await call_next(ctx)  # the SDK rejects the malformed call
     if name == START_SESSION:
@@ -144,9 +145,9 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
     if unit is None:
         missing = await missing_session(rt.store, who)
         return error(str(missing), "expired" if isinstance(missing, SessionExpiredError) else "unknown")
-    if is_input_required(result):
+    if isinstance(result, dict) and is_input_required(result):
         return result  # the call goes on in the client's next round, which carries the same session_id
-    if not _ok(result):
+    if not isinstance(result, dict) or result.get("isError"):
         return unsaved(result, who)
     assert unit.session is not None
     if unit.session.stage == ids.ENDED:  # end_session: the handle is no longer valid

@@ -26,6 +26,8 @@ def check_key(key: object) -> str:
     NUL and lone surrogates are refused too: PostgreSQL cannot store a NUL in text, and
     no store (nor the JSON on the wire) can carry a lone surrogate.
     """
+    if type(key) is str and 0 < len(key) <= MAX_KEY_LENGTH and key.isascii() and "\x00" not in key:
+        return key  # the common case, checked at once
     if not isinstance(key, str):
         raise StateKeyError(f"state key must be a str, not {type(key).__name__}")
     if not key:
@@ -54,13 +56,7 @@ def encode(key: str, value: Any, max_bytes: int | None = None) -> str:
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
     try:
-        text = json.dumps(
-            value,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-            default=_reject,
-        )
+        text = _ENCODER.encode(value)
     except _NotJSON as exc:
         hint = _HINTS.get(
             exc.type_name,
@@ -106,6 +102,9 @@ def _reject(value: Any) -> Any:
         return value.model_dump(mode="json")
     raise _NotJSON(value)
 
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_reject)
+"""One encoder for every value (`json.dumps` with options builds a new one per call)."""
 
 _HINTS = {
     "set": "convert it to a list",

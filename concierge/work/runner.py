@@ -20,12 +20,11 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
-from opentelemetry.trace import INVALID_SPAN
+from opentelemetry.trace import Span
 
 from concierge import ids
 from concierge.errors import ConflictError, StateUnavailableError
@@ -143,62 +142,73 @@ class Runner:
                 bucket first (on every attempt, with `retry`).
             StateUnavailableError: the store could not be reached.
         """
+        if not tracing():  # nobody would see a span: none is made
+            return await self._run(job, body, None)
+        with TRACER.start_as_current_span("concierge.unit") as span:
+            if span.is_recording():
+                span.set_attribute("mcp.session.id", session_hash(job.session_id))
+                span.set_attribute("concierge.store", self.store.backend.scheme or type(self.store.backend).__name__)
+                if job.label:
+                    span.set_attribute("concierge.what", job.label)
+            return await self._run(job, body, span)
+
+    async def _run(
+        self, job: Job, body: Callable[[UnitOfWork], Awaitable[Any]], span: Span | None
+    ) -> tuple[Any, UnitOfWork | None]:
         store = self.store
         attempts = ATTEMPTS if job.plans and job.plans[0].retry else 1
         started = time.perf_counter()
         outcome = "unknown session"
-        spanning = TRACER.start_as_current_span("concierge.unit") if tracing() else nullcontext(INVALID_SPAN)
-        with spanning as span:
-            if span.is_recording():  # no SDK installed: nothing to compute
-                span.set_attribute("mcp.session.id", session_hash(job.session_id))
-                span.set_attribute("concierge.store", store.backend.scheme or type(store.backend).__name__)
-                if job.label:
-                    span.set_attribute("concierge.what", job.label)
+        try:
+            await store.acquire(job.session_id)
             try:
-                async with store.locked(job.session_id):
-                    for attempt in range(1, attempts + 1):
+                for attempt in range(1, attempts + 1):
+                    if attempt > 1:
+                        INSTRUMENTS.retries.add(1)
+                    t0 = time.perf_counter()
+                    if job.fresh and attempt == 1:
+                        session: WorkingCopy | None = store.blank(job.session_id)
+                    elif job.load is not None:
+                        session = await job.load()
+                    else:
+                        session = await store.load(job.session_id, create=job.create)
+                    if span is not None:
                         span.set_attribute("concierge.attempt", attempt)
-                        if attempt > 1:
-                            INSTRUMENTS.retries.add(1)
-                        t0 = time.perf_counter()
-                        if job.fresh and attempt == 1:
-                            session: WorkingCopy | None = store.blank(job.session_id)
-                        elif job.load is not None:
-                            session = await job.load()
-                        else:
-                            session = await store.load(job.session_id, create=job.create)
                         span.set_attribute("concierge.load_ms", (time.perf_counter() - t0) * 1000)
-                        if session is None or session.stage == ids.ENDED:
-                            return None, None
-                        if job.check_owner and session.version > 0 and session.owner != job.owner:
-                            return None, None
-                        if session.version == 0 and job.create_until is not None and store.clock() >= job.create_until:
-                            return None, None
-                        try:
-                            result, unit, outcome = await self._attempt(job, body, session, span)
-                        except ConflictError:
-                            INSTRUMENTS.conflicts.add(1)
-                            if attempt >= attempts:
-                                outcome = "conflict"
-                                raise
-                            await anyio.sleep(random.uniform(0, 0.002 * 2 ** min(attempt - 1, 6)))
-                            continue
-                        return result, unit
-            except StateUnavailableError:
-                outcome = "store unavailable"
-                raise
-            except ConflictError:
-                raise
-            except BaseException:
-                outcome = "failed"
-                raise
+                    if session is None or session.stage == ids.ENDED:
+                        return None, None
+                    if job.check_owner and session.version > 0 and session.owner != job.owner:
+                        return None, None
+                    if session.version == 0 and job.create_until is not None and store.clock() >= job.create_until:
+                        return None, None
+                    try:
+                        result, unit, outcome = await self._attempt(job, body, session, span)
+                    except ConflictError:
+                        INSTRUMENTS.conflicts.add(1)
+                        if attempt >= attempts:
+                            outcome = "conflict"
+                            raise
+                        await anyio.sleep(random.uniform(0, 0.002 * 2 ** min(attempt - 1, 6)))
+                        continue
+                    return result, unit
             finally:
+                store.release(job.session_id)
+        except StateUnavailableError:
+            outcome = "store unavailable"
+            raise
+        except ConflictError:
+            raise
+        except BaseException:
+            outcome = "failed"
+            raise
+        finally:
+            if span is not None:
                 span.set_attribute("concierge.outcome", outcome)
-                INSTRUMENTS.duration.record(time.perf_counter() - started, {"outcome": outcome})
+            INSTRUMENTS.duration.record(time.perf_counter() - started, {"outcome": outcome})
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _attempt(
-        self, job: Job, body: Callable[[UnitOfWork], Awaitable[Any]], session: WorkingCopy, span: Any
+        self, job: Job, body: Callable[[UnitOfWork], Awaitable[Any]], session: WorkingCopy, span: Span | None
     ) -> tuple[Any, UnitOfWork, str]:
         """Run the body once on `session` and commit; the result, the unit and the outcome."""
         store = self.store
@@ -208,25 +218,27 @@ class Runner:
             session.must_persist = self.beginning.seeds  # its hooks ran: they must not run again
         session.rebasable = True  # user code reads it only through the state API, which records each read
         unit = UnitOfWork(session, tool=job.label)
-        async with AsyncExitStack() as stack:
-            user = job.user(session)
-            if user is None:
-                unit.scope_errors["user"] = NO_USER
-            unit.loader = BucketLoader(store, unit, stack, user)
+        user = job.user(session)
+        if user is None:
+            unit.scope_errors["user"] = NO_USER
+        loader = unit.loader = BucketLoader(store, unit, user)
+        try:
             if new and job.tally is not None:
                 await job.tally.admit()  # before any user code: a refused session runs nothing
-            scopes: set[str] = set().union(*(p.scopes for p in job.plans))
+            plans = job.plans
+            scopes = plans[0].scopes if len(plans) == 1 else set().union(*(p.scopes for p in plans))
             if new:
-                scopes |= self.beginning.start.scopes
-            await unit.loader.preload(scopes)
+                scopes = scopes | self.beginning.start.scopes
+            if scopes:
+                await loader.preload(scopes)
             with bind(unit):
                 if new:
                     await self.beginning.begin(unit)
                 result = await body(unit)
-            if unit.buckets:
+            if span is not None and unit.buckets:
                 span.set_attribute("concierge.scopes", sorted(unit.buckets))
-            if job.plans and unit.loaded_on_use:
-                job.plans[0].scopes |= unit.loaded_on_use  # loaded up front from now on, in lock order
+            if plans and unit.loaded_on_use:
+                plans[0].scopes |= unit.loaded_on_use  # loaded up front from now on, in lock order
             if not job.keep(result):
                 return result, unit, "not kept"
             await store.renew(session)
@@ -235,7 +247,8 @@ class Runner:
             if not new and job.tally is not None:
                 await job.tally.used()
             if not any(c.dirty and not c.detached for c in copies):
-                span.set_attribute("concierge.version", session.version)
+                if span is not None:
+                    span.set_attribute("concierge.version", session.version)
                 return result, unit, "nothing to write"
             t0 = time.perf_counter()
             ended = session.stage == ids.ENDED and session.stage_changed
@@ -243,10 +256,13 @@ class Runner:
                 await self._commit_counted(job.tally, copies, session, new, job.label)
             else:
                 await store.commit(*copies, tool=job.label)
-            span.set_attribute("concierge.commit_ms", (time.perf_counter() - t0) * 1000)
-            span.set_attribute("concierge.version", session.version + (1 if session.dirty else 0))
+            if span is not None:
+                span.set_attribute("concierge.commit_ms", (time.perf_counter() - t0) * 1000)
+                span.set_attribute("concierge.version", session.version + (1 if session.dirty else 0))
             INSTRUMENTS.commits.add(1)
             return result, unit, "committed"
+        finally:
+            loader.release()
 
     async def _commit_counted(
         self, tally: Tally, copies: list[WorkingCopy], session: WorkingCopy, new: bool, label: str | None

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
 
 import anyio
 import anyio.from_thread
@@ -65,14 +63,17 @@ class UnitOfWork:
     def session_id(self) -> str | None:
         return None if self.session is None else self.session.session_id
 
-    @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Remember a concierge error raised to user code (see `error`)."""
-        try:
-            yield
-        except ConciergeError as exc:
+    def recording(self) -> UnitOfWork:
+        """`with unit.recording():` remembers a concierge error raised to user code (see `error`)."""
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, ConciergeError):
             self.error = exc
-            raise
+        return False
 
     def copy_for(self, operation: str, scope: str) -> WorkingCopy:
         """The working copy that holds `scope` for this request, loading a shared bucket on first use.
@@ -128,15 +129,20 @@ class BucketLoader:
     (`SHARED_SCOPES`), so two requests never wait on each other in a cycle. A
     bucket loaded on first use after a later one may break that order, so it
     waits only `LOCK_WAIT_OUT_OF_ORDER` seconds. The locks are held until
-    `stack` closes (after the commit).
+    `release` (after the commit).
     """
 
-    def __init__(self, store: SessionStore, unit: UnitOfWork, stack: AsyncExitStack, user: str | None) -> None:
+    def __init__(self, store: SessionStore, unit: UnitOfWork, user: str | None) -> None:
         self.store = store
         self.unit = unit
-        self.stack = stack
         self.user = user
         self._loop_thread = threading.get_ident()
+        self._locked: list[str] = []
+
+    def release(self) -> None:
+        """Release the bucket locks taken, the last first."""
+        while self._locked:
+            self.store.release(self._locked.pop())
 
     async def preload(self, scopes: set[str]) -> None:
         """Lock and load `scopes` (those this request can have), in lock order."""
@@ -159,7 +165,7 @@ class BucketLoader:
                 ) from None
         else:
             await self.store.acquire(record_id)
-        self.stack.callback(self.store.release, record_id)
+        self._locked.append(record_id)
         copy = await self.store.load(record_id, create=True)
         assert copy is not None
         copy.expiring = False
@@ -221,11 +227,20 @@ def working_copy(operation: str, scope: str = "session") -> WorkingCopy:
         return unit.copy_for(operation, scope)
 
 
-@contextmanager
-def bind(unit: UnitOfWork) -> Iterator[UnitOfWork]:
-    """Bind `unit` as the current unit of work for the code run inside."""
-    token = _current.set(unit)
-    try:
-        yield unit
-    finally:
-        _current.reset(token)
+def bind(unit: UnitOfWork) -> _Bound:
+    """`with bind(unit):` binds `unit` as the current unit of work for the code run inside."""
+    return _Bound(unit)
+
+
+class _Bound:
+    __slots__ = ("_token", "unit")
+
+    def __init__(self, unit: UnitOfWork) -> None:
+        self.unit = unit
+
+    def __enter__(self) -> UnitOfWork:
+        self._token = _current.set(self.unit)
+        return self.unit
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._token)
