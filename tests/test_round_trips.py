@@ -29,7 +29,7 @@ from mcp import Client
 
 from concierge import Concierge
 from concierge.state import StateBackend, backend_from_url
-from concierge.work.store import SHARED_FOR
+from concierge.work.store import SHARED_FOR, SessionStore
 
 pytestmark = pytest.mark.anyio
 
@@ -247,3 +247,56 @@ async def test_a_commit_that_lost_the_race_to_a_write_of_what_it_read_reports_it
     assert result.is_error and "conflict" in " ".join(texts(result))
     assert ran["slow_add"] == 1
     assert state == {"cart": ["elsewhere"]}  # the other write stands; nothing of the conflicted call was saved
+
+
+async def test_a_load_overtaken_by_this_process_s_own_commit_is_not_taken_for_another_writer(state_url: str) -> None:
+    """A caller's session count is loaded outside its lock while a commit of it may land: the newer version
+    the feed then tells of is this process's own, so the record is held again at once, not read before every
+    call for `SHARED_FOR` as a record another process writes."""
+    backend = counting(backend_from_url(state_url))
+    store = SessionStore(backend, ttl=3600)
+    rid = "caller:addr:192.0.2.7"
+    async with store.opened():
+        first = store.blank(rid)
+        first.set("a", 1)
+        await store.commit(first)
+        copy = await store.load(rid, create=True)
+        assert copy is not None and copy.version == 1
+        copy.set("b", 2)
+
+        loaded, go = anyio.Event(), anyio.Event()
+        real_load = backend.load
+
+        async def slow_load(*args: Any, **kwargs: Any) -> Any:
+            record = await real_load(*args, **kwargs)
+            loaded.set()  # version 1 is read; it lands only after the commit below
+            await go.wait()
+            return record
+
+        backend.load = slow_load
+        store.forget(rid)
+        seen: list[int] = []
+
+        async def load() -> None:
+            stale = await store.load(rid, create=True)
+            assert stale is not None
+            seen.append(stale.version)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load)
+            await loaded.wait()
+            await store.commit(copy)  # version 2, by this process, while the load of version 1 is in flight
+            go.set()
+        backend.load = real_load
+        assert seen == [1]
+
+        # The notice of version 2 came during the load (memory) or comes now (PostgreSQL, Redis: given time to
+        # arrive); SQLite's feed tells of other connections' commits only. One load reads version 2 and holds it.
+        await anyio.sleep(0.2)
+        fresh = await store.load(rid, create=True)
+        assert fresh is not None and fresh.version == 2
+        backend.calls.clear()
+        for _ in range(3):
+            again = await store.load(rid, create=True)
+            assert again is not None and again.version == 2 and again.get("b") == 2
+        assert backend.calls == [], "held again: this process's own commit does not make the record roam"

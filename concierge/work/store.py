@@ -190,6 +190,9 @@ class SessionStore:
         self._flights: dict[str, list[float]] = {}
         """Records being loaded or committed: [calls in flight, the newest version the feed told of meanwhile,
         1 when what lands may be stale for another reason]."""
+        self._own: OrderedDict[str, int] = OrderedDict()
+        """The newest version this process's commits made, per record lately committed: a notice or a load
+        that tells of it is not another process's doing."""
         self._shared: OrderedDict[str, float] = OrderedDict()
         """Records another process wrote lately (when this process heard or met it): loaded before each call
         for `SHARED_FOR` seconds, so a session that roams between processes does not start from values a
@@ -244,6 +247,8 @@ class SessionStore:
             for flight in self._flights.values():
                 flight[2] = 1.0  # what lands now may be stale, though nobody is known to have written it
             return
+        if version is None:
+            self._own.pop(record_id, None)  # deleted: a new life counts its versions from 1 again
         heard = math.inf if version is None else float(version)
         flight = self._flights.get(record_id)
         if flight is not None and heard > flight[1]:
@@ -252,13 +257,24 @@ class SessionStore:
         if held is not None and heard > held.version:
             self._snapshots.drop(record_id)
             if flight is None:  # in flight, it may be this process's own commit: judged when it lands
-                self._share(record_id)
+                self._share(record_id, heard)
 
-    def _share(self, record_id: str) -> None:
+    def _share(self, record_id: str, heard: float) -> None:
+        """Mark `record_id` as written by another process, unless `heard` is a version this process made."""
+        if heard <= self._own.get(record_id, 0):
+            return  # a load overtaken by this process's own commit, or the late notice of one
         self._shared[record_id] = self.clock()
         self._shared.move_to_end(record_id)
         while len(self._shared) > SHARED_AT_MOST:
             self._shared.popitem(last=False)
+
+    def _made(self, record_id: str, version: int) -> None:
+        """Remember that this process's commit made `version` of `record_id` (the newest it made)."""
+        own = self._own
+        own[record_id] = version
+        own.move_to_end(record_id)
+        if len(own) > SHARED_AT_MOST:
+            own.popitem(last=False)
 
     def _roams(self, record_id: str, now: float) -> bool:
         since = self._shared.get(record_id)
@@ -305,7 +321,7 @@ class SessionStore:
         """
         heard, spoiled = self._arrive(record_id)
         if heard > version:
-            self._share(record_id)
+            self._share(record_id, heard)
         return live and not spoiled and heard <= version
 
     # -- load -------------------------------------------------------------------
@@ -446,9 +462,10 @@ class SessionStore:
                 self._arrive(c.session_id)
                 self._snapshots.drop(c.session_id)
                 if isinstance(exc, ConflictError):
-                    self._share(c.session_id)
+                    self._share(c.session_id, math.inf)
             raise
         for c, commit, version, size in zip(dirty, commits, versions, sizes):
+            self._made(c.session_id, version)
             trusted = self._settle(c.session_id, version, live)
             created_at = now if c.version == 0 else c.created_at  # a creating commit starts a new life
             held = _Held(version, created_at, c.committed_values(), size, c.stage, c.owner, commit.expires_at, trusted)
