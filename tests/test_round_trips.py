@@ -17,7 +17,9 @@ write changed what it read, the call reports the conflict and ran once.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,7 +30,7 @@ from helpers import handle_of, payload, texts
 from mcp import Client
 
 from concierge import Concierge
-from concierge.state import StateBackend, backend_from_url
+from concierge.state import Commit, StateBackend, backend_from_url
 from concierge.work.store import SHARED_FOR, SessionStore
 
 pytestmark = pytest.mark.anyio
@@ -300,3 +302,47 @@ async def test_a_load_overtaken_by_this_process_s_own_commit_is_not_taken_for_an
             again = await store.load(rid, create=True)
             assert again is not None and again.version == 2 and again.get("b") == 2
         assert backend.calls == [], "held again: this process's own commit does not make the record roam"
+
+
+async def test_catching_up_reads_a_change_notice_already_waiting_in_the_feed(state_url: str) -> None:
+    """What `catch_up` promises before a call starts from held values: a notice of another process's commit
+    that has reached this process (it waits unread in the feed's socket) is told first.
+
+    The other process is a thread with an event loop of its own, joined while this loop stands still, so
+    the notice is surely waiting when `catch_up` is called. SQLite's feed tells that something changed
+    (no id); memory tells at once.
+    """
+    mine = backend_from_url(state_url)
+    told: list[tuple[str | None, int | None]] = []
+
+    def commit_elsewhere(record_id: str) -> None:
+        async def commit() -> None:
+            other = backend_from_url(state_url)
+            await other.open()
+            try:
+                await other.commit(Commit(record_id, 0, {"k": "1"}, owner=None, expires_at=None), now=time.time())
+            finally:
+                await other.close()
+
+        asyncio.run(commit())
+
+    await mine.open()
+    try:
+        assert await mine.watch(lambda record_id, version: told.append((record_id, version)))
+        await _until(mine.caught_up, "the feed is live")
+        for n in range(1, 6):
+            record_id = f"h:notice-{n}"
+            await anyio.sleep(0.01)
+            told.clear()
+            if state_url.startswith("memory"):
+                await mine.commit(Commit(record_id, 0, {"k": "1"}, owner=None, expires_at=None), now=time.time())
+            else:
+                writer = threading.Thread(target=commit_elsewhere, args=(record_id,))
+                writer.start()
+                writer.join()  # blocks this loop: nothing it receives meanwhile is read
+                time.sleep(0.05)  # the notice arrives in the socket and waits there
+            assert await mine.catch_up()
+            expected = (None, None) if state_url.startswith("sqlite") else (record_id, 1)
+            assert expected in told, f"commit {n}: the waiting notice was not read ({told})"
+    finally:
+        await mine.close()

@@ -99,7 +99,9 @@ class CallerSessions:
         """Refuse a new session when the caller is at the cap, after dropping the ids of sessions gone."""
         store, limit = self.held.store, self.held.limit
         assert limit is not None
-        record = await store.load(self.record_id, create=True)
+        # A first look, from held values when this process has them: the commit that adds the session
+        # (`updated`) counts again on the stored version, so a notice still on its way costs no wrong count.
+        record = await store.load(self.record_id, create=True, catch_up=False)
         assert record is not None
         if _count(record) < limit:
             return

@@ -13,6 +13,7 @@ another process wrote to the session since it was loaded.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ __all__ = [
     "StateBackend",
     "StoredCheckpoint",
     "checkpoint_of",
+    "let_notices_in",
     "update_conflict",
 ]
 
@@ -202,6 +204,18 @@ ChangeCallback = Callable[[str | None, int | None], None]
 `(None, None)` when changes may have been missed."""
 
 
+async def let_notices_in() -> None:
+    """Yield to the event loop until a change notice already waiting in a socket has been handed on.
+
+    Three turns: the first's poll reads the socket and its protocol schedules the driver's callback
+    (asyncpg hands a notice to its listener with `call_soon`; redis-py's reader task wakes the same way),
+    the second runs that callback, and this coroutine, queued before it in the second, resumes in the
+    third. What arrives later is the commit's version check's to catch.
+    """
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
 class StateBackend(ABC):
     """Async storage for sessions.
 
@@ -344,8 +358,8 @@ class StateBackend(ABC):
 
     async def catch_up(self) -> bool:
         """`caught_up`, after letting in the notices already on their way (a pushed feed yields to the event
-        loop so a notice waiting in its socket is read first). What the store asks before a call starts from
-        held values; the default is `caught_up()`."""
+        loop, `let_notices_in`, so a notice waiting in its socket is read first). What the store asks before a
+        call starts from held values; the default is `caught_up()`."""
         return self.caught_up()
 
     @abstractmethod

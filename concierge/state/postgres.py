@@ -30,7 +30,7 @@ import asyncpg
 from concierge.errors import ConfigurationError, StateUnavailableError
 from concierge.state import redact_url, url_secrets
 from concierge.state._sql import SQLBackend, Tx
-from concierge.state.base import UNCHANGED, ChangeCallback, Commit
+from concierge.state.base import UNCHANGED, ChangeCallback, Commit, let_notices_in
 
 __all__ = ["PostgresBackend"]
 
@@ -223,9 +223,7 @@ class PostgresBackend(SQLBackend):
         return self._listener is not None and not self._listener.is_closed()
 
     async def catch_up(self) -> bool:
-        # Two turns of the loop: one reads a notice waiting in the socket, the next runs its callback.
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await let_notices_in()
         return self.caught_up()
 
     async def _listen(self) -> None:

@@ -44,6 +44,7 @@ from concierge.state.base import (
     StateBackend,
     StoredCheckpoint,
     check_page,
+    let_notices_in,
     update_conflict,
 )
 
@@ -207,9 +208,7 @@ class RedisBackend(StateBackend):
         return self._subscribed
 
     async def catch_up(self) -> bool:
-        # Two turns of the loop: one reads a notice waiting in the socket, the next runs its callback.
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await let_notices_in()
         return self.caught_up()
 
     async def _follow(self) -> None:

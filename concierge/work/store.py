@@ -325,20 +325,26 @@ class SessionStore:
         return live and not spoiled and heard <= version
 
     # -- load -------------------------------------------------------------------
-    async def load(self, record_id: str, *, create: bool) -> WorkingCopy | None:
+    async def load(self, record_id: str, *, create: bool, catch_up: bool = True) -> WorkingCopy | None:
         """Load a record into a fresh working copy.
 
         Returns `None` when the record does not exist and `create` is false.
         With `create`, a missing record yields an empty copy at version 0 that
         the commit will create. A record this process holds the latest version
         of (a live change feed, nothing heard since) is not read at all.
+
+        Args:
+            catch_up: before starting from held values, let in the change notices
+                already on their way (`StateBackend.catch_up`: a few turns of the
+                event loop). `False` for a look whose answer a commit's version
+                check confirms later anyway.
         """
         now = self.clock()
         held = self._snapshots.get(record_id)
         if (
             held is not None
             and self._current(record_id, held, now)
-            and await self.backend.catch_up()
+            and (await self.backend.catch_up() if catch_up else self.backend.caught_up())
             and self._snapshots.peek(record_id) is held  # catching up may have told of a change
             and held.trusted
         ):
