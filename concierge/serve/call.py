@@ -17,7 +17,7 @@ The steps, top to bottom:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from copy import copy
 from typing import Any
 
@@ -96,13 +96,13 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
     watch_close(rt, ctx, who.session_id)
     stage_before: list[str | None] = []
 
-    async def run(unit: UnitOfWork) -> Any:
+    def run(unit: UnitOfWork) -> Awaitable[Any]:
         assert unit.session is not None
         stage_before[:] = [unit.session.stage]
         refusal = _stage_refusal(rt, unit.session.stage, name)
         if refusal is not None:
-            return error(refusal)
-        return await call_next(ctx)
+            return _value(error(refusal))
+        return call_next(ctx)  # the SDK's coroutine itself: no frame of ours around the tool
 
     plans = [rt.plans.of("tool:" + name)]
     if name in (TERMINATE, END_SESSION):
@@ -156,6 +156,10 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
     if unit.session.stage != stage_before[0] and not who.via_handle and filters_list(ctx):
         await notify_tools_changed(ctx)
     return with_handle(result, who)
+
+
+async def _value(value: Any) -> Any:
+    return value
 
 
 async def _without_session(name: str, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:

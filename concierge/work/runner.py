@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
-from opentelemetry.trace import Span
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, StatusCode
 
 from concierge import ids
 from concierge.errors import ConflictError, StateUnavailableError
@@ -142,23 +144,19 @@ class Runner:
                 bucket first (on every attempt, with `retry`).
             StateUnavailableError: the store could not be reached.
         """
-        if not tracing():  # nobody would see a span: none is made
-            return await self._run(job, body, None)
-        with TRACER.start_as_current_span("concierge.unit") as span:
-            if span.is_recording():
-                span.set_attribute("mcp.session.id", session_hash(job.session_id))
-                span.set_attribute("concierge.store", self.store.backend.scheme or type(self.store.backend).__name__)
-                if job.label:
-                    span.set_attribute("concierge.what", job.label)
-            return await self._run(job, body, span)
-
-    async def _run(
-        self, job: Job, body: Callable[[UnitOfWork], Awaitable[Any]], span: Span | None
-    ) -> tuple[Any, UnitOfWork | None]:
         store = self.store
         attempts = ATTEMPTS if job.plans and job.plans[0].retry else 1
         started = time.perf_counter()
         outcome = "unknown session"
+        span: Span | None = None
+        if tracing():  # else nobody would see a span: none is made
+            span = TRACER.start_span("concierge.unit")  # a child of the request's span
+            entered = otel_context.attach(trace.set_span_in_context(span))
+            if span.is_recording():
+                span.set_attribute("mcp.session.id", session_hash(job.session_id))
+                span.set_attribute("concierge.store", store.backend.scheme or type(store.backend).__name__)
+                if job.label:
+                    span.set_attribute("concierge.what", job.label)
         try:
             await store.acquire(job.session_id)
             try:
@@ -193,18 +191,21 @@ class Runner:
                     return result, unit
             finally:
                 store.release(job.session_id)
-        except StateUnavailableError:
-            outcome = "store unavailable"
-            raise
-        except ConflictError:
-            raise
-        except BaseException:
-            outcome = "failed"
+        except BaseException as exc:
+            if isinstance(exc, StateUnavailableError):
+                outcome = "store unavailable"
+            elif not isinstance(exc, ConflictError):  # a conflict's outcome is set where it is judged
+                outcome = "failed"
+            if span is not None:  # as `start_as_current_span` would
+                span.record_exception(exc)
+                span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            INSTRUMENTS.duration.record(time.perf_counter() - started, {"outcome": outcome})
             if span is not None:
                 span.set_attribute("concierge.outcome", outcome)
-            INSTRUMENTS.duration.record(time.perf_counter() - started, {"outcome": outcome})
+                span.end()
+                otel_context.detach(entered)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _attempt(
