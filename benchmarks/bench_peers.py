@@ -1,8 +1,9 @@
 """Concierge against its peers on one cart workload, over streamable HTTP, all state on one PostgreSQL.
 
-    python benchmarks/bench_peers.py [--duration S | --calls N] [--sessions 64] [--inflight 4]
+    python benchmarks/bench_peers.py [--duration S | --calls N] [--sessions 64] [--inflight 4] [--think-ms 0]
                                      [--rounds 3] [--warmup-calls 8] [--postgres-url URL]
-                                     [--systems concierge,fastmcp,fastmcp-session-id,concierge-sdk,mcp-memory]
+                                     [--systems concierge,concierge-async,fastmcp,fastmcp-session-id,concierge-sdk,
+                                                mcp-memory]
                                      [--latency-ms 0,0.5,2] [--ping-interval-ms 50]
                                      [--json out.json] [--reinstall]
 
@@ -12,6 +13,10 @@ scratch database of the same PostgreSQL server):
 - concierge: this repository, in the current interpreter's environment
   (`benchmarks/peers/concierge_cart.py`, `Concierge(state_url="postgresql://...")`,
   `app.get_state` / `app.set_state`).
+- concierge-async: the same server with its tools written as `async def`
+  (`--tools async`): they run on the event loop instead of a worker thread
+  (`get_state`/`set_state` never block, so both forms are correct; the sync
+  form is the README's).
 - fastmcp: fastmcp 4.x, `await ctx.get_state` / `await ctx.set_state` (keyed by
   the MCP session), `FastMCP(session_state_store=PostgreSQLStore(url=...))` from
   py-key-value-aio (`benchmarks/peers/fastmcp_cart.py`).
@@ -42,6 +47,13 @@ timed phase (`--duration` seconds, or `--calls` per session). Systems run one
 after another, the order reversed every round. After the last round the rows
 each system stored are counted in its PostgreSQL tables and compared with what
 `view_cart` returned.
+
+Pacing: by default the load is a closed loop (each call in flight starts the
+next as soon as it is answered), which keeps every server saturated: its
+figures are throughput. `--think-ms T` pauses each call in flight 0.5-1.5 x T
+(at random) after every timed call, as a model thinks between tool calls; with
+`--inflight 1` and a T that leaves the servers idle part of the time, latency
+and the ping show how a server behaves under a load it can carry.
 
 Unrelated calls: during each timed phase a client session of its own, in a
 process of its own (`benchmarks/ping_probe.py`), calls the server's `ping` tool
@@ -77,6 +89,7 @@ import logging
 import math
 import os
 import platform
+import random
 import shutil
 import signal
 import subprocess
@@ -150,6 +163,16 @@ PEERS: dict[str, Peer] = {
             distributions=("concierge", "mcp"),
         ),
         Peer(
+            name="concierge-async",
+            script="concierge_cart.py",
+            api="the same tools as async functions (on the event loop, no worker thread), session = mcp-session-id",
+            store="PostgreSQL: concierge_sessions + concierge_values (asyncpg), state_url=",
+            count_sql="SELECT count(*), coalesce(sum(jsonb_array_length(value::jsonb)), 0)"
+            " FROM concierge_values WHERE key = 'cart'",
+            distributions=("concierge", "mcp"),
+            args=("--tools", "async"),
+        ),
+        Peer(
             name="fastmcp",
             script="fastmcp_cart.py",
             api="await ctx.get_state / ctx.set_state, keyed by ctx.session_id (= mcp-session-id)",
@@ -201,6 +224,8 @@ PEERS: dict[str, Peer] = {
 }
 #: Systems that are compared with concierge (mcp-memory is a floor, not a peer).
 COMPARED = ("fastmcp", "fastmcp-session-id", "concierge-sdk", "mcp-memory")
+OURS = ("concierge", "concierge-async")
+"""The systems of this repository, each compared with every one of `COMPARED`."""
 
 
 # -- virtualenvs ------------------------------------------------------------------------
@@ -664,12 +689,17 @@ async def run_round(
                         result.ok += 1
 
                 async def worker(calls: int | None, timed: bool) -> None:
+                    pause = args.think_ms / 1000 if timed else 0.0
                     if calls is None:
                         while clock() < deadline:
                             await add(timed)
+                            if pause:  # a model thinks between calls; spread, so sessions do not march in step
+                                await asyncio.sleep(pause * random.uniform(0.5, 1.5))
                     else:
                         for _ in range(calls):
                             await add(timed)
+                            if pause:
+                                await asyncio.sleep(pause * random.uniform(0.5, 1.5))
 
                 await asyncio.gather(*(worker(n, False) for n in shares(args.warmup_calls)))
                 await cross(ready, "ready")
@@ -948,22 +978,27 @@ def report(run: LatencyRun, args: argparse.Namespace) -> str:
     out = [
         (
             f"\nCart workload over streamable HTTP on 127.0.0.1, {database}: {args.sessions} sessions x "
-            f"{args.inflight} calls in flight, {args.rounds} rounds ({mode} per system per round, order reversed "
+            f"{args.inflight} calls in flight{_thinking(args)}, {args.rounds} rounds ({mode} per system per round, order reversed "
             f"each round), {args.warmup_calls} warm-up calls per session per round, a ping every "
             f"{args.ping_interval_ms:g} ms; 1-minute load average {run.load[0]:.1f} before, {run.load[1]:.1f} after\n"
         ),
         markdown_table(header, rows),
     ]
     ratios = [
-        f"- concierge / {other}: {line}"
+        f"- {ours} / {other}: {line}"
+        for ours in OURS
         for other in COMPARED
-        if (line := _ratio_line(summaries.get("concierge"), summaries.get(other)))
+        if (line := _ratio_line(summaries.get(ours), summaries.get(other)))
     ]
     if ratios:
         out += ["\nRatios\n", *ratios]
     if notes:
         out += ["\nNotes\n", *notes]
     return "\n".join(out)
+
+
+def _thinking(args: argparse.Namespace) -> str:
+    return f" with {args.think_ms:g} ms (0.5-1.5x) of thought after each" if args.think_ms else ""
 
 
 def _ratio_line(base: Summary | None, other: Summary | None) -> str | None:
@@ -1034,8 +1069,8 @@ def side_by_side(runs: list[LatencyRun], args: argparse.Namespace) -> str:
     ]
     header = ["system", "calls/s", "p50 ms", "p99 ms", "ping p50 ms", "ping p99 ms", "lost updates"]
     ratio_rows = []
-    for other in COMPARED:
-        if other not in args.systems or "concierge" not in args.systems:
+    for ours, other in ((o, c) for o in OURS for c in COMPARED):
+        if other not in args.systems or ours not in args.systems:
             continue
         for label, attr in (
             ("calls/s", "calls_per_s"),
@@ -1044,9 +1079,9 @@ def side_by_side(runs: list[LatencyRun], args: argparse.Namespace) -> str:
             ("ping p50", "ping_p50_ms"),
             ("ping p99", "ping_p99_ms"),
         ):
-            row = [f"concierge / {other}, {label}"]
+            row = [f"{ours} / {other}, {label}"]
             for run in runs:
-                base, theirs = run.summaries["concierge"], run.summaries[other]
+                base, theirs = run.summaries[ours], run.summaries[other]
                 ok = base.status == "ok" and theirs.status == "ok" and getattr(theirs, attr) > 0
                 row.append(f"{getattr(base, attr) / getattr(theirs, attr):.2f}x" if ok else "-")
             ratio_rows.append(row)
@@ -1289,6 +1324,13 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("--calls", type=int, help="timed add_to_cart calls per session per round instead")
     parser.add_argument("--sessions", type=int, default=64, help="concurrent client sessions (default 64)")
     parser.add_argument("--inflight", type=int, default=4, help="calls in flight per session (default 4)")
+    parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=0.0,
+        help="pause after each timed call, per call in flight (0.5-1.5 times this, at random; default 0: "
+        "closed loop, the server saturated)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds, order reversed each round (default 3)")
     parser.add_argument("--warmup-calls", type=int, default=8, help="untimed calls per session per round (default 8)")
     parser.add_argument("--postgres-url", help="admin URL of an existing PostgreSQL (default: a throwaway server)")
@@ -1316,6 +1358,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(PEERS)}")
     if args.sessions < 1 or args.inflight < 1 or args.rounds < 1:
         parser.error("--sessions, --inflight and --rounds must be at least 1")
+    if args.think_ms < 0:
+        parser.error("--think-ms must not be negative")
     try:
         args.latency_ms = [float(x) for x in args.latency_ms.split(",") if x.strip()]
     except ValueError:

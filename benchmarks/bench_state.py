@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import importlib.util
 import json
 import logging
@@ -573,6 +574,50 @@ def _without_feed(app: Concierge) -> Concierge:
     return app
 
 
+class _Floor:
+    """Reference, not concierge: the least a state layer that hands out session handles does per call.
+
+    It replaces concierge's middleware on one app (benchmark-only use of internals): it takes
+    `session_id` out of the arguments, checks the signed handle (`Runtime.resolve`), binds a
+    working copy of a dict entry so `app.get_state`/`set_state` work, writes the changes back
+    into the dict, and puts the handle on the result (`with_handle`). No store, no lock, no
+    version check, no expiry, no stages, no limits. Its ratio is the ceiling the handle wire and
+    the state API leave on this machine.
+    """
+
+    def __init__(self, app: Concierge) -> None:
+        from concierge.serve.envelope import with_handle
+        from concierge.work import UnitOfWork, WorkingCopy, bind
+
+        self.rt = app.middleware[-1].rt  # type: ignore[attr-defined]
+        self.values: dict[str, dict[str, str]] = {}
+        self._with_handle, self._unit, self._copy, self._bind = with_handle, UnitOfWork, WorkingCopy, bind
+
+    async def __call__(self, ctx: Any, call_next: Any) -> Any:
+        if ctx.method != "tools/call":
+            return await call_next(ctx)
+        params = dict(ctx.params)
+        arguments = dict(params.get("arguments") or {})
+        supplied = arguments.pop("session_id", None)
+        params["arguments"] = arguments
+        ctx = copy.copy(ctx)
+        ctx.params = params
+        who = self.rt.resolve(ctx, supplied, start=True)
+        base = self.values.get(who.session_id, {})
+        working = self._copy(who.session_id, version=1, base=base)
+        with self._bind(self._unit(working)):
+            result = await call_next(ctx)
+        if working.changes:
+            self.values[who.session_id] = {**base, **working.changes}
+        return self._with_handle(result, who)
+
+
+def _floor_app() -> Concierge:
+    app = stateful_app()
+    app.middleware[-1] = _Floor(app)
+    return app
+
+
 async def throughput(stores: Stores, kind: str, calls: int, rounds: int) -> list[list[str]]:
     """Stateful vs stateless calls, per client; on the 2026-07-28 client also: the store's change feed
     refused, and the session roaming round-robin between two apps on one store."""
@@ -601,6 +646,10 @@ async def throughput(stores: Stores, kind: str, calls: int, rounds: int) -> list
                     other=await stack.enter_async_context(connected(second, mode)),
                 )
                 series += [unfed, roaming]
+                if kind == "memory":
+                    floor_client = await stack.enter_async_context(connected(_floor_app(), mode))
+                    floor = Series("floor", floor_client, "bump", dict(NEW))
+                    series.append(floor)
             await interleave(series, calls, rounds)
         rows.append(ratio_row(kind, client_name, base, measured))
         if mode == "auto":
@@ -613,6 +662,9 @@ async def throughput(stores: Stores, kind: str, calls: int, rounds: int) -> list
                     roaming,
                 )
             )
+            if kind == "memory":
+                label = f"{client_name}, reference: the least a handle-carrying state layer does (not concierge)"
+                rows.append(ratio_row(kind, label, base, floor))
     return rows
 
 

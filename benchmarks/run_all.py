@@ -101,17 +101,19 @@ def summary(state: dict[str, Any] | None, peers: dict[str, Any] | None) -> list[
                 add(measure.format(n=row[1].strip(), backend=row[0]), _float(row[4]), target, False)
             baseline_seen.add(row[0])
     systems = (peers or {}).get("systems", {})
-    ours = systems.get("concierge", {}).get("summary")
-    if ours:
+    for name in ("concierge", "concierge-async"):  # the README's sync tools, and the same tools as async
+        ours = systems.get(name, {}).get("summary")
+        if not ours:
+            continue
         lost = int(ours.get("lost", 0))
-        rows.append(["lost updates, concierge", str(lost), "0", _verdict(lost, 0, False)])
+        rows.append([f"lost updates, {name}", str(lost), "0", _verdict(lost, 0, False)])
         for peer, target in PEER_TARGETS.items():
             theirs = systems.get(peer, {}).get("summary")
             if not theirs or theirs.get("status") != "ok" or not theirs.get("calls_per_s"):
-                rows.append([f"calls/s concierge / {peer}", "not measured", f">= {target}", "-"])
+                rows.append([f"calls/s {name} / {peer}", "not measured", f">= {target}", "-"])
                 continue
             ratio = ours["calls_per_s"] / theirs["calls_per_s"]
-            rows.append([f"calls/s concierge / {peer}", f"{ratio:.2f}", f">= {target}", _verdict(ratio, target, True)])
+            rows.append([f"calls/s {name} / {peer}", f"{ratio:.2f}", f">= {target}", _verdict(ratio, target, True)])
     # Not a target: the same ratio for the bare SDK with its carts in a dict, the most a server on
     # concierge's SDK could reach with no store at all.
     floor = systems.get("mcp-memory", {}).get("summary")

@@ -20,7 +20,6 @@ from concierge import Concierge
 app = Concierge("cart", state_url=os.environ["BENCH_STATE_URL"], log_level="WARNING")
 
 
-@app.tool()
 def add_to_cart(item: str) -> dict:
     """Add an item to the cart."""
     cart = app.get_state("cart", [])
@@ -29,10 +28,19 @@ def add_to_cart(item: str) -> dict:
     return {"items": len(cart)}
 
 
-@app.tool()
 def view_cart() -> dict:
     """Show the cart."""
     return {"cart": app.get_state("cart", [])}
+
+
+async def add_to_cart_async(item: str) -> dict:
+    """Add an item to the cart."""
+    return add_to_cart(item)
+
+
+async def view_cart_async() -> dict:
+    """Show the cart."""
+    return view_cart()
 
 
 @app.tool()
@@ -45,7 +53,20 @@ def main() -> None:
     """Serve until SIGTERM."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--tools",
+        choices=("sync", "async"),
+        default="sync",
+        help="sync: plain functions, run in a worker thread by the SDK (the README's form); async: coroutines "
+        "on the event loop (get_state/set_state never block, so both forms are correct)",
+    )
     args = parser.parse_args()
+    if args.tools == "sync":
+        app.tool(name="add_to_cart")(add_to_cart)
+        app.tool(name="view_cart")(view_cart)
+    else:
+        app.tool(name="add_to_cart", scopes={"session"})(add_to_cart_async)
+        app.tool(name="view_cart", scopes={"session"})(view_cart_async)
     logging.basicConfig(level=logging.WARNING)
     app.run("streamable-http", host="127.0.0.1", port=args.port)
 
