@@ -346,3 +346,36 @@ async def test_catching_up_reads_a_change_notice_already_waiting_in_the_feed(sta
             assert expected in told, f"commit {n}: the waiting notice was not read ({told})"
     finally:
         await mine.close()
+
+
+async def test_a_tool_that_uses_no_state_neither_reads_the_store_nor_waits_for_its_feed(state_url: str) -> None:
+    """On a legacy connection every tool runs in its session's unit of work; one that uses no state starts
+    from what this process holds without letting the feed's notices in first (turns of the event loop,
+    each long on a busy server): nothing it reads could be stale."""
+    backend = counting(backend_from_url(state_url))
+    app, _ = shop(backend)
+
+    @app.tool()
+    async def ping() -> dict:
+        """Answer at once, no state."""
+        return {"pong": True}
+
+    waits: list[str] = []
+    real_catch_up = backend.catch_up
+
+    async def catch_up() -> bool:
+        waits.append("catch_up")
+        return await real_catch_up()
+
+    backend.catch_up = catch_up  # type: ignore[method-assign]
+    async with Client(app, mode="legacy") as client:
+        await _call(client, "add", {"item": "tea"})
+        backend.calls.clear()
+        waits.clear()
+        await _call(client, "view", {})
+        assert waits == ["catch_up"], "a tool that reads state lets the notices in first"
+        assert backend.calls == []
+        waits.clear()
+        for _ in range(3):
+            await _call(client, "ping", {})
+        assert waits == [] and backend.calls == []

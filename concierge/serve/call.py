@@ -115,6 +115,9 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
         create=not who.via_handle or who.issued_at is not None,  # a handle this server signed may be unwritten
         create_until=rt.fresh_until(who),
         fresh=who.is_new,
+        # A tool that uses no state (a legacy connection's session still runs it in a unit of work) reads
+        # nothing a change notice could make stale: it starts at once, without turns of the event loop.
+        catch_up=rt.stateful(name) or name in BUILTINS,
         owner=who.owner,
         check_owner=who.via_handle and not who.is_new,
         keep=_ok,

@@ -110,6 +110,9 @@ class Job:
             the commits that create or end one; `None`: not counted.
         fresh: the session id was made for this call, so no record of it can
             exist: the first attempt starts from an empty copy without a load.
+        catch_up: before starting from held values, let in the store's change
+            notices already on their way (`SessionStore.load`); `False` for
+            code that uses no state, which a notice could not change.
     """
 
     session_id: str
@@ -125,6 +128,7 @@ class Job:
     companions: Callable[[], Awaitable[list[WorkingCopy]]] | None = None
     tally: Tally | None = None
     fresh: bool = False
+    catch_up: bool = True
 
 
 class Runner:
@@ -169,7 +173,7 @@ class Runner:
                     elif job.load is not None:
                         session = await job.load()
                     else:
-                        session = await store.load(job.session_id, create=job.create)
+                        session = await store.load(job.session_id, create=job.create, catch_up=job.catch_up)
                     if span is not None:
                         span.set_attribute("concierge.attempt", attempt)
                         span.set_attribute("concierge.load_ms", (time.perf_counter() - t0) * 1000)
