@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -150,26 +151,24 @@ CONCIERGE_SDK_CANDIDATES = (
     ("concierge-sdk[postgres]==0.8.0", "mcp==1.30.0", "fastmcp==3.4.10", "psycopg2-binary==2.9.13"),
 )
 
+CONCIERGE = Peer(
+    name="concierge",
+    script="concierge_cart.py",
+    api="app.get_state / app.set_state (sync), session = mcp-session-id",
+    store="PostgreSQL: concierge_sessions + concierge_values (asyncpg), state_url=",
+    count_sql="SELECT count(*), coalesce(sum(jsonb_array_length(value::jsonb)), 0)"
+    " FROM concierge_values WHERE key = 'cart'",
+    distributions=("concierge", "mcp"),
+)
+
 PEERS: dict[str, Peer] = {
     peer.name: peer
     for peer in (
-        Peer(
-            name="concierge",
-            script="concierge_cart.py",
-            api="app.get_state / app.set_state (sync), session = mcp-session-id",
-            store="PostgreSQL: concierge_sessions + concierge_values (asyncpg), state_url=",
-            count_sql="SELECT count(*), coalesce(sum(jsonb_array_length(value::jsonb)), 0)"
-            " FROM concierge_values WHERE key = 'cart'",
-            distributions=("concierge", "mcp"),
-        ),
-        Peer(
+        CONCIERGE,
+        dataclasses.replace(
+            CONCIERGE,
             name="concierge-async",
-            script="concierge_cart.py",
             api="the same tools as async functions (on the event loop, no worker thread), session = mcp-session-id",
-            store="PostgreSQL: concierge_sessions + concierge_values (asyncpg), state_url=",
-            count_sql="SELECT count(*), coalesce(sum(jsonb_array_length(value::jsonb)), 0)"
-            " FROM concierge_values WHERE key = 'cart'",
-            distributions=("concierge", "mcp"),
             args=("--tools", "async"),
         ),
         Peer(
