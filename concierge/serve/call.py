@@ -148,9 +148,9 @@ async def call_tool(rt: Runtime, ctx: ServerRequestContext[Any, Any], call_next:
     if unit is None:
         missing = await missing_session(rt.store, who)
         return error(str(missing), "expired" if isinstance(missing, SessionExpiredError) else "unknown")
-    if isinstance(result, dict) and is_input_required(result):
+    if is_input_required(result):
         return result  # the call goes on in the client's next round, which carries the same session_id
-    if not isinstance(result, dict) or result.get("isError"):
+    if not _ok(result):
         return unsaved(result, who)
     assert unit.session is not None
     if unit.session.stage == ids.ENDED:  # end_session: the handle is no longer valid

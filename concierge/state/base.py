@@ -29,7 +29,6 @@ __all__ = [
     "StateBackend",
     "StoredCheckpoint",
     "checkpoint_of",
-    "let_notices_in",
     "update_conflict",
 ]
 
@@ -204,7 +203,7 @@ ChangeCallback = Callable[[str | None, int | None], None]
 `(None, None)` when changes may have been missed."""
 
 
-async def let_notices_in() -> None:
+async def _let_notices_in() -> None:
     """Yield to the event loop until a change notice already waiting in a socket has been handed on.
 
     Three turns: the first's poll reads the socket and its protocol schedules the driver's callback
@@ -237,6 +236,9 @@ class StateBackend(ABC):
     persistent: bool = True
     #: Whether the backend records checkpoints (`Commit.keep_checkpoints`) and implements `checkpoints`.
     supports_checkpoints: bool = False
+    #: Whether the change feed (`watch`) is pushed over a connection (PostgreSQL LISTEN, Redis pub/sub), so
+    #: `catch_up` lets the event loop read a notice already waiting in its socket first.
+    pushes_changes: bool = False
 
     async def open(self) -> None:
         """Connect and apply migrations. Called once at server start; idempotent.
@@ -357,9 +359,11 @@ class StateBackend(ABC):
         return False
 
     async def catch_up(self) -> bool:
-        """`caught_up`, after letting in the notices already on their way (a pushed feed yields to the event
-        loop, `let_notices_in`, so a notice waiting in its socket is read first). What the store asks before a
-        call starts from held values; the default is `caught_up()`."""
+        """`caught_up`, after letting in the notices already on their way: with `pushes_changes`, a few
+        turns of the event loop first, so a notice waiting in its socket is read. What the store asks before
+        a call starts from held values."""
+        if self.pushes_changes:
+            await _let_notices_in()
         return self.caught_up()
 
     @abstractmethod

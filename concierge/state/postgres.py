@@ -30,7 +30,7 @@ import asyncpg
 from concierge.errors import ConfigurationError, StateUnavailableError
 from concierge.state import redact_url, url_secrets
 from concierge.state._sql import SQLBackend, Tx
-from concierge.state.base import UNCHANGED, ChangeCallback, Commit, let_notices_in
+from concierge.state.base import UNCHANGED, ChangeCallback, Commit
 
 __all__ = ["PostgresBackend"]
 
@@ -111,6 +111,7 @@ class PostgresBackend(SQLBackend):
     """
 
     scheme = "postgresql"
+    pushes_changes = True  # LISTEN/NOTIFY
     _clear_expired_sql = (
         # SKIP LOCKED: a row another transaction holds is being revived or
         # deleted right now; two sweepers never wait on (or deadlock with) each other.
@@ -221,10 +222,6 @@ class PostgresBackend(SQLBackend):
 
     def caught_up(self) -> bool:
         return self._listener is not None and not self._listener.is_closed()
-
-    async def catch_up(self) -> bool:
-        await let_notices_in()
-        return self.caught_up()
 
     async def _listen(self) -> None:
         conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout)

@@ -44,7 +44,6 @@ from concierge.state.base import (
     StateBackend,
     StoredCheckpoint,
     check_page,
-    let_notices_in,
     update_conflict,
 )
 
@@ -74,6 +73,7 @@ class RedisBackend(StateBackend):
 
     scheme = "redis"
     supports_checkpoints = True
+    pushes_changes = True  # pub/sub
 
     def __init__(
         self,
@@ -206,10 +206,6 @@ class RedisBackend(StateBackend):
 
     def caught_up(self) -> bool:
         return self._subscribed
-
-    async def catch_up(self) -> bool:
-        await let_notices_in()
-        return self.caught_up()
 
     async def _follow(self) -> None:
         """Read the channel until `close`; a dropped subscription is told as "changes may be missed" and renewed."""

@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 
@@ -39,6 +40,15 @@ REBASES = 3
 SHARED_FOR = 60.0
 """Seconds a record another process wrote is loaded before each call, not started from held values."""
 SHARED_AT_MOST = 4096
+_V = TypeVar("_V")
+
+
+def _remember(items: OrderedDict[str, _V], key: str, value: _V, at_most: int) -> None:
+    """Put `key` last in `items` (the most recent), forgetting the oldest beyond `at_most`."""
+    items[key] = value
+    items.move_to_end(key)
+    while len(items) > at_most:
+        items.popitem(last=False)
 
 
 @dataclass(slots=True)
@@ -87,10 +97,7 @@ class _Snapshots:
     def put(self, record_id: str, held: _Held) -> None:
         if self.capacity <= 0:
             return
-        self._items[record_id] = held
-        self._items.move_to_end(record_id)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        _remember(self._items, record_id, held, self.capacity)
 
     def drop(self, record_id: str) -> None:
         self._items.pop(record_id, None)
@@ -263,18 +270,11 @@ class SessionStore:
         """Mark `record_id` as written by another process, unless `heard` is a version this process made."""
         if heard <= self._own.get(record_id, 0):
             return  # a load overtaken by this process's own commit, or the late notice of one
-        self._shared[record_id] = self.clock()
-        self._shared.move_to_end(record_id)
-        while len(self._shared) > SHARED_AT_MOST:
-            self._shared.popitem(last=False)
+        _remember(self._shared, record_id, self.clock(), SHARED_AT_MOST)
 
     def _made(self, record_id: str, version: int) -> None:
         """Remember that this process's commit made `version` of `record_id` (the newest it made)."""
-        own = self._own
-        own[record_id] = version
-        own.move_to_end(record_id)
-        if len(own) > SHARED_AT_MOST:
-            own.popitem(last=False)
+        _remember(self._own, record_id, version, SHARED_AT_MOST)
 
     def _roams(self, record_id: str, now: float) -> bool:
         since = self._shared.get(record_id)
