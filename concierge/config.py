@@ -88,6 +88,7 @@ class Settings:
     max_live_sessions_per_caller: int | None
     max_keys_per_session: int | None
     max_session_bytes: int | None
+    tune_gc: bool = True
 
     @classmethod
     def of(
@@ -114,6 +115,7 @@ class Settings:
         max_live_sessions_per_caller: int | None = DEFAULT_MAX_LIVE_SESSIONS,
         max_keys_per_session: int | None = DEFAULT_MAX_KEYS,
         max_session_bytes: int | None = DEFAULT_MAX_SESSION_BYTES,
+        tune_gc: bool = True,
     ) -> Settings:
         if initial_state is not None and not (isinstance(initial_state, Mapping) or callable(initial_state)):
             raise ConfigurationError(
@@ -121,6 +123,8 @@ class Settings:
             )
         if sweep_interval is not None and sweep_interval <= 0:
             raise ConfigurationError(f"sweep_interval must be positive (or None for no sweep), got {sweep_interval!r}")
+        if not isinstance(tune_gc, bool):
+            raise ConfigurationError(f"tune_gc must be True or False, not {tune_gc!r}")
         if handles not in ("required", "optional"):
             raise ConfigurationError(f"handles must be 'required' or 'optional', not {handles!r}")
         if state is not None and state_url is not None:
@@ -154,6 +158,7 @@ class Settings:
             max_live_sessions_per_caller=_limit(max_live_sessions_per_caller, "max_live_sessions_per_caller"),
             max_keys_per_session=_limit(max_keys_per_session, "max_keys_per_session"),
             max_session_bytes=_limit(max_session_bytes, "max_session_bytes"),
+            tune_gc=tune_gc,
         )
 
 

@@ -66,6 +66,9 @@ def serve(
     if transport == "stdio":
         app.run()
         return True
+    prepare = getattr(app, "before_serving", None)  # a Concierge app tunes the process it runs in
+    if prepare is not None:
+        prepare()
     return anyio.run(_serve_http, app, transport, host, port, stateless, log_level)
 
 
