@@ -2,8 +2,8 @@
 
     python benchmarks/bench_peers.py [--duration S | --calls N] [--sessions 64] [--inflight 4] [--think-ms 0]
                                      [--rounds 3] [--warmup-calls 8] [--postgres-url URL]
-                                     [--systems concierge,concierge-async,fastmcp,fastmcp-session-id,concierge-sdk,
-                                                mcp-memory]
+                                     [--systems concierge,concierge-async,concierge-untuned,fastmcp,
+                                                fastmcp-session-id,concierge-sdk,mcp-memory]
                                      [--latency-ms 0,0.5,2] [--ping-interval-ms 50]
                                      [--json out.json] [--reinstall]
 
@@ -17,6 +17,9 @@ scratch database of the same PostgreSQL server):
   (`--tools async`): they run on the event loop instead of a worker thread
   (`get_state`/`set_state` never block, so both forms are correct; the sync
   form is the README's).
+- concierge-untuned: the concierge server with `Concierge(tune_gc=False)`:
+  CPython's garbage collector left as every other system runs it (see
+  "Garbage-collection pauses" in docs/deployment.md).
 - fastmcp: fastmcp 4.x, `await ctx.get_state` / `await ctx.set_state` (keyed by
   the MCP session), `FastMCP(session_state_store=PostgreSQLStore(url=...))` from
   py-key-value-aio (`benchmarks/peers/fastmcp_cart.py`).
@@ -171,6 +174,13 @@ PEERS: dict[str, Peer] = {
             api="the same tools as async functions (on the event loop, no worker thread), session = mcp-session-id",
             args=("--tools", "async"),
         ),
+        dataclasses.replace(
+            CONCIERGE,
+            name="concierge-untuned",
+            api="the concierge server with Concierge(tune_gc=False): the interpreter's garbage collector as"
+            " the peers run it, session = mcp-session-id",
+            args=("--no-tune-gc",),
+        ),
         Peer(
             name="fastmcp",
             script="fastmcp_cart.py",
@@ -223,7 +233,7 @@ PEERS: dict[str, Peer] = {
 }
 #: Systems that are compared with concierge (mcp-memory is a floor, not a peer).
 COMPARED = ("fastmcp", "fastmcp-session-id", "concierge-sdk", "mcp-memory")
-OURS = ("concierge", "concierge-async")
+OURS = ("concierge", "concierge-async", "concierge-untuned")
 """The systems of this repository, each compared with every one of `COMPARED`."""
 
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from concierge import Concierge
 
-app = Concierge("cart", state_url=os.environ["BENCH_STATE_URL"], log_level="WARNING")
+app = Concierge(
+    "cart", state_url=os.environ["BENCH_STATE_URL"], log_level="WARNING", tune_gc="--no-tune-gc" not in sys.argv
+)
 
 
 def add_to_cart(item: str) -> dict:
@@ -59,6 +62,12 @@ def main() -> None:
         default="sync",
         help="sync: plain functions, run in a worker thread by the SDK (the README's form); async: coroutines "
         "on the event loop (get_state/set_state never block, so both forms are correct)",
+    )
+    parser.add_argument(
+        "--no-tune-gc",
+        action="store_true",
+        help="Concierge(tune_gc=False): leave the garbage collector as the interpreter starts it (read from sys.argv"
+        " when the module is imported, as the app is built at import)",
     )
     args = parser.parse_args()
     if args.tools == "sync":
