@@ -86,6 +86,7 @@ from mcp.client import Client
 from mcp.server.mcpserver import MCPServer
 
 from concierge import Concierge
+from concierge.serve.process import tune_collector
 from concierge.state import Commit, StateBackend, backend_from_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,6 +211,10 @@ def serve(role: str, port: int) -> int:
     """
     quiet = {"log_level": "WARNING"}  # no log line per request
     app = stateless_app(**quiet) if role == "stateless" else stateful_app(**quiet)
+    if role == "stateless":
+        # `Concierge.run` tunes the garbage collector (tune_gc); the plain server gets the same,
+        # so that the ratio compares the state alone.
+        tune_collector()
     app.run("streamable-http", host="127.0.0.1", port=port)
     return 0
 
