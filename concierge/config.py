@@ -88,7 +88,7 @@ class Settings:
     max_live_sessions_per_caller: int | None
     max_keys_per_session: int | None
     max_session_bytes: int | None
-    tune_gc: bool = True
+    tune_gc: bool
 
     @classmethod
     def of(

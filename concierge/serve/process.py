@@ -5,7 +5,8 @@ pydantic, uvicorn, the app and its tool schemas) before its first request.
 CPython's cyclic garbage collector walks all of them on every full
 collection: 40-50 ms here at start-up, 140 ms under load, during which no
 request on the event loop moves. Frozen (`gc.freeze()`), they are left out of
-every later collection; refcounting still frees them as usual. The young
+every later collection; refcounting still frees them as usual (one that
+later becomes part of a garbage cycle is never reclaimed). The young
 generation's threshold is raised as well, so a busy server collects less often
 for the same garbage. An app embedded in another program (`Client(app)`, its
 `streamable_http_app()` mounted in a host's own server) never touches the
