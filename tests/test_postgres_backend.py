@@ -17,7 +17,7 @@ import anyio
 import asyncpg
 import pytest
 
-from concierge.errors import ConfigurationError, StateUnavailableError
+from concierge.errors import ConfigurationError, ConflictError, StateUnavailableError
 from concierge.state import Commit, backend_from_url
 from concierge.state.postgres import PostgresBackend
 from tests.conftest import _ThrowawayPostgres, fresh_postgres_database, not_here
@@ -132,6 +132,124 @@ async def test_postgres_commit_of_one_key_writes_one_value_row_in_a_large_sessio
             )
             (total,) = (await tx.fetch("SELECT count(*) FROM concierge_values"))[0]
         assert rows[0][0] == 1 and total == 999
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"a": '"A"'},
+        {"a": '"A"', "n": "7"},
+        {"b": None},
+        {"b": None, "a": '"A"'},
+        {"b": None, "c": None, "a": '"A"', "n": "7"},
+    ],
+    ids=["nothing", "one-write", "writes", "one-removal", "removal-and-write", "removals-and-writes"],
+)
+async def test_postgres_update_of_every_shape_writes_exactly_its_changes(
+    pg_url: str, changes: dict[str, str | None]
+) -> None:
+    # An update runs one of several statements, by what it removes and writes.
+    async with PostgresBackend(pg_url) as b:
+        await b.commit(Commit("s", 0, {"a": '"a"', "b": '"b"', "c": '"c"'}, expires_at=NOW + 60), now=NOW)
+        assert await b.commit(Commit("s", 1, changes, stage="two", expires_at=NOW + 90), now=NOW + 1) == 2
+        record = await b.load("s", now=NOW + 1)
+        expected = {"a": '"a"', "b": '"b"', "c": '"c"'}
+        for key, value in changes.items():
+            if value is None:
+                expected.pop(key)
+            else:
+                expected[key] = value
+        assert record is not None
+        assert (record.version, record.values, record.stage, record.expires_at) == (2, expected, "two", NOW + 90)
+        with pytest.raises(ConflictError):  # the same shape at a stale version changes nothing
+            await b.commit(Commit("s", 1, changes), now=NOW + 2)
+        again = await b.load("s", now=NOW + 2)
+        assert again is not None and (again.version, again.values) == (2, expected)
+
+
+async def test_postgres_connections_the_server_dropped_while_idle_cost_no_call_an_error(pg_url: str) -> None:
+    # Between statements the backend keeps its connections; one the server has closed meanwhile is
+    # replaced, not used.
+    async with PostgresBackend(pg_url, min_size=1, max_size=3) as b:
+        await b.commit(Commit("s", 0, {"n": "0"}), now=NOW)
+        async with anyio.create_task_group() as tg:  # three at once: three connections kept
+            for key in ("x", "y", "z"):
+                tg.start_soon(lambda k=key: b.commit(Commit(k, 0, {"n": "0"}), now=NOW))
+        admin = await asyncpg.connect(pg_url)
+        try:
+            database = await admin.fetchval("SELECT current_database()")
+            ended = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                database,
+            )
+            assert ended >= 1
+            await anyio.sleep(0.2)  # the closed connections' end has reached this process
+            for version in range(1, 4):
+                assert await b.commit(Commit("s", version, {"n": str(version)}), now=NOW) == version + 1
+            record = await b.load("s", now=NOW)
+            assert record is not None and record.values == {"n": "3"}
+        finally:
+            await admin.close()
+
+
+async def test_postgres_more_statements_than_connections_wait_their_turn_even_when_some_give_up(pg_url: str) -> None:
+    async with PostgresBackend(pg_url, min_size=1, max_size=2) as b:
+        for i in range(12):
+            await b.commit(Commit(f"s{i}", 0, {"n": "0"}), now=NOW)
+        admin = await asyncpg.connect(pg_url)
+        try:
+            # Both connections block on a lock; the other ten statements wait for one of them.
+            await admin.execute("BEGIN")
+            await admin.execute("SELECT 1 FROM concierge_sessions WHERE id IN ('s0', 's1') FOR UPDATE")
+            landed: list[int] = []
+
+            async def bump(i: int) -> None:
+                assert await b.commit(Commit(f"s{i}", 1, {"n": "1"}), now=NOW) == 2
+                landed.append(i)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(12):
+                    tg.start_soon(bump, i)
+                with anyio.CancelScope() as quitters:  # two waiting statements give up
+                    async with anyio.create_task_group() as quit_tg:
+                        quit_tg.start_soon(bump, 100)
+                        quit_tg.start_soon(bump, 101)
+                        await anyio.sleep(0.2)
+                        quitters.cancel()
+                await anyio.sleep(0.1)
+                assert landed == []  # every one is still waiting behind the lock
+                await admin.execute("ROLLBACK")
+            assert sorted(landed) == list(range(12))
+        finally:
+            await admin.close()
+        assert await b.commit(Commit("s0", 2, {"n": "2"}), now=NOW) == 3  # and the backend is whole
+
+
+async def test_postgres_a_cancelled_commit_leaves_a_usable_backend_and_writes_all_or_nothing(pg_url: str) -> None:
+    async with PostgresBackend(pg_url, min_size=1, max_size=2) as b:
+        await b.commit(Commit("s", 0, {"n": "0"}), now=NOW)
+        admin = await asyncpg.connect(pg_url)
+        try:
+            await admin.execute("BEGIN")
+            await admin.execute("SELECT 1 FROM concierge_sessions WHERE id = 's' FOR UPDATE")  # the commit waits
+            with anyio.move_on_after(0.3) as scope:
+                await b.commit(Commit("s", 1, {"n": "1"}), now=NOW)
+            assert scope.cancelled_caught
+            await admin.execute("ROLLBACK")
+        finally:
+            await admin.close()
+        for _ in range(4):  # more commits than the pool has connections: none is left stuck
+            record = await b.load("s", now=NOW)
+            assert record is not None
+            assert await b.commit(Commit("s", record.version, {"n": str(record.version + 1)}), now=NOW) == (
+                record.version + 1
+            )
+        record = await b.load("s", now=NOW)
+        # The cancelled commit landed whole or not at all (its cancel may reach the server after the lock
+        # is gone), and every later one landed on top of it.
+        assert record is not None and record.version in (5, 6) and record.values == {"n": str(record.version)}
 
 
 # -- the server goes away and comes back ---------------------------------------------------------
