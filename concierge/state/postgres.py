@@ -3,11 +3,11 @@
 One pool per backend, opened by `open()` and closed by `close()`; between
 statements the backend keeps the connections it took from it (at most
 `max_size`) rather than handing each back, which spares every statement the
-pool's acquire and release. Each commit is one transaction; the version check and bump is a single `UPDATE`, whose
-row lock makes concurrent writers to one session queue up and all but the
-first see a changed version. A dropped server surfaces as
-`StateUnavailableError`; the pool replaces dead connections on its own, so the
-same backend works again as soon as the server is back.
+pool's acquire and release. Each commit is one transaction; the version check
+and bump is a single `UPDATE`, whose row lock makes concurrent writers to one
+session queue up and all but the first see a changed version. A dropped
+server surfaces as `StateUnavailableError`; the pool replaces dead connections
+on its own, so the same backend works again as soon as the server is back.
 
 The change feed (`watch`) is LISTEN/NOTIFY on one more connection, outside
 the pool: every commit sends `NOTIFY concierge_changes, '<version> <id>'` in
