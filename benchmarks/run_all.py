@@ -72,7 +72,9 @@ def summary(state: dict[str, Any] | None, peers: dict[str, Any] | None) -> list[
     for label, key in (("in-process", "throughput_inprocess"), ("HTTP", "throughput_http")):
         for row in tables.get(key, []):
             backend, client, ratio = row[0], row[1], _float(row[4])
-            if "roaming" in client or "no change feed" in client:  # beside the targets, not held to them
+            # The targets are the in-process sticky rows; roaming, no feed, the reference floor and the
+            # HTTP series are printed beside them, not held to them.
+            if label == "HTTP" or "roaming" in client or "no change feed" in client or "reference" in client:
                 measure = f"stateful/stateless calls/s, {backend}, {label}, {client.strip()}"
                 rows.append([measure, f"{ratio:.2f}", "(reference)", "-"])
             elif backend in THROUGHPUT_TARGETS:
