@@ -95,8 +95,7 @@ _BUMP = (
     " WHERE id = $1 AND version = $3 AND (expires_at IS NULL OR expires_at > $2) RETURNING id)"
 )
 _REMOVE = (
-    ", removed AS (DELETE FROM concierge_values"
-    " WHERE session_id IN (SELECT id FROM bumped) AND key = ANY(${}::text[]))"
+    ", removed AS (DELETE FROM concierge_values WHERE session_id IN (SELECT id FROM bumped) AND key = ANY(${}::text[]))"
 )
 _WRITE_ONE = (
     ", written AS (INSERT INTO concierge_values (session_id, key, value) SELECT bumped.id, ${}::text, ${}::text"
@@ -362,16 +361,13 @@ class PostgresBackend(SQLBackend):
         statement = _UPDATES[bool(removed), min(len(keys), 2)]
         if not self._opened:
             await self.open()
-        conn = await self._take()
+        conn = await self._take()  # not `_begin`: its context manager costs a commit measurably
         try:
             rows = await conn.fetch(statement, *args)  # a single statement is its own transaction
             if not rows[0][0]:
                 raise await self._conflict(_PgTx(conn), commit, now)
-        except BaseException as exc:
-            await self._hand_back(conn)
-            if isinstance(exc, Exception) and _is_unavailable(exc):
-                raise self._unavailable(exc) from None
-            raise
+        except BaseException as exc:  # noqa: BLE001 - raised again, or as what it means, once `conn` is back
+            raise await self._returned(conn, exc)
         self._keep(conn)
         return commit.expected_version + 1
 
@@ -387,11 +383,8 @@ class PostgresBackend(SQLBackend):
                     yield _PgTx(conn)
             else:
                 yield _PgTx(conn)
-        except BaseException as exc:
-            await self._hand_back(conn)
-            if isinstance(exc, Exception) and _is_unavailable(exc):
-                raise self._unavailable(exc) from None
-            raise
+        except BaseException as exc:  # noqa: BLE001 - raised again, or as what it means, once `conn` is back
+            raise await self._returned(conn, exc)
         self._keep(conn)
 
     # -- connections -------------------------------------------------------------
@@ -460,6 +453,15 @@ class PostgresBackend(SQLBackend):
                 waiter.set_result(conn)
                 return True
         return False
+
+    async def _returned(self, conn: Any, exc: BaseException) -> BaseException:
+        """Hand `conn` back to the pool after `exc`; what to raise: `exc`, or the `StateUnavailableError` it means."""
+        await self._hand_back(conn)
+        if isinstance(exc, Exception) and _is_unavailable(exc):
+            unavailable = self._unavailable(exc)
+            unavailable.__suppress_context__ = True  # as `raise ... from None`: the driver's error stays out of it
+            return unavailable
+        return exc
 
     async def _hand_back(self, conn: Any) -> None:
         """Return `conn` to its pool (shielded: a cancelled caller still returns it)."""
