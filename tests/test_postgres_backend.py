@@ -227,6 +227,48 @@ async def test_postgres_more_statements_than_connections_wait_their_turn_even_wh
         assert await b.commit(Commit("s0", 2, {"n": "2"}), now=NOW) == 3  # and the backend is whole
 
 
+async def test_postgres_close_with_statements_in_flight_ends_them_promptly_and_reopens(pg_url: str) -> None:
+    b = PostgresBackend(pg_url, min_size=1, max_size=1)
+    await b.open()
+    await b.commit(Commit("s", 0, {"n": "0"}), now=NOW)
+    admin = await asyncpg.connect(pg_url)
+    outcomes: dict[str, object] = {}
+
+    async def commit(name: str) -> None:
+        try:
+            outcomes[name] = await b.commit(Commit("s", 1, {"n": name}), now=NOW)
+        except Exception as exc:  # noqa: BLE001 - what each statement met is the point
+            outcomes[name] = exc
+
+    try:
+        await admin.execute("BEGIN")
+        await admin.execute("SELECT 1 FROM concierge_sessions WHERE id = 's' FOR UPDATE")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commit, "running")  # takes the only connection, then waits on the lock
+            await anyio.sleep(0.2)
+            tg.start_soon(commit, "waiting")  # waits for the connection
+            await anyio.sleep(0.1)
+            closing = anyio.Event()
+
+            async def close() -> None:
+                await b.close()
+                closing.set()
+
+            tg.start_soon(close)
+            await anyio.sleep(0.2)
+            assert isinstance(outcomes.get("waiting"), StateUnavailableError)
+            assert "closed" in str(outcomes["waiting"])
+            started = time.monotonic()
+            await admin.execute("ROLLBACK")  # the running statement ends ...
+            await closing.wait()  # ... goes back to the closing pool, which closes without waiting its 5 s
+            assert time.monotonic() - started < 2
+        assert outcomes["running"] == 2
+    finally:
+        await admin.close()
+    async with b:  # the same object opens again and serves
+        assert await b.commit(Commit("s", 2, {"n": "again"}), now=NOW) == 3
+
+
 async def test_postgres_a_cancelled_commit_leaves_a_usable_backend_and_writes_all_or_nothing(pg_url: str) -> None:
     async with PostgresBackend(pg_url, min_size=1, max_size=2) as b:
         await b.commit(Commit("s", 0, {"n": "0"}), now=NOW)

@@ -177,7 +177,8 @@ class PostgresBackend(SQLBackend):
         # Connections taken from the pool and kept between statements (see `_take`).
         self._idle: list[Any] = []
         self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._lent: set[Any] = set()  # taken from the current pool: in use or idle
+        self._lent: dict[Any, Any] = {}  # taken from a pool, in use or idle -> that pool
+        self._returning: set[asyncio.Task[None]] = set()
         self.location = _location(dsn)
         self._shown = _display(dsn)
         self._secrets = url_secrets(dsn)
@@ -318,8 +319,7 @@ class PostgresBackend(SQLBackend):
         idle, self._idle = self._idle, []
         for conn in idle:
             await self._hand_back(conn)
-        self._lent = set()  # what is still in use comes back to a closed pool: dropped by `_keep`
-        pool, self._pool = self._pool, None
+        pool, self._pool = self._pool, None  # what is still in use goes back to it when done (`_keep`)
         while self._wake(None):  # statements waiting for a connection find the backend closed
             pass
         if pool is None:
@@ -394,7 +394,8 @@ class PostgresBackend(SQLBackend):
     # connections out of the pool between statements spares each one the pool's acquire and release (a
     # release is a shielded task of its own): about a third of the client-side cost of a commit. The
     # pool still opens and closes them; at most `max_size` are taken from it at once (`_lent`), and a
-    # statement that finds them all busy waits here for the first one to come back.
+    # statement that finds them all busy waits here for the first one to come back. At close, the idle
+    # ones go back at once and the busy ones as they finish, so the pool's close waits only for those.
     async def _take(self) -> Any:
         while True:
             idle = self._idle
@@ -408,18 +409,19 @@ class PostgresBackend(SQLBackend):
                 raise StateUnavailableError(f"{self._where()}: the backend is closed")
             if len(self._lent) < self.max_size:
                 placeholder = object()  # holds the room while the pool connects
-                self._lent.add(placeholder)
+                self._lent[placeholder] = None
                 try:
                     conn = await pool.acquire()
                 except BaseException as exc:
-                    self._lent.discard(placeholder)
+                    del self._lent[placeholder]
                     self._wake(None)
+                    if self._pool is not pool:  # closed meanwhile
+                        raise StateUnavailableError(f"{self._where()}: the backend is closed") from None
                     if isinstance(exc, Exception) and _is_unavailable(exc):
                         raise self._unavailable(exc) from None
                     raise
-                self._lent.discard(placeholder)
-                if pool is self._pool:
-                    self._lent.add(conn)
+                del self._lent[placeholder]
+                self._lent[conn] = pool
                 return conn
             waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -441,8 +443,14 @@ class PostgresBackend(SQLBackend):
     def _keep(self, conn: Any) -> None:
         """`conn` is free again: to the first statement waiting for one, else among the idle."""
         if conn not in self._lent:
-            return  # from a pool closed meanwhile, which has terminated it
-        if not self._wake(conn):
+            return
+        pool = self._lent[conn]
+        if pool is not self._pool:  # its pool is closing (or closed): back to it now, so its close need not wait
+            del self._lent[conn]
+            task = asyncio.get_running_loop().create_task(self._release(pool, conn))
+            self._returning.add(task)
+            task.add_done_callback(self._returning.discard)
+        elif not self._wake(conn):
             self._idle.append(conn)
 
     def _wake(self, conn: Any) -> bool:
@@ -465,13 +473,14 @@ class PostgresBackend(SQLBackend):
 
     async def _hand_back(self, conn: Any) -> None:
         """Return `conn` to its pool (shielded: a cancelled caller still returns it)."""
-        if conn not in self._lent:
-            return  # from a pool closed meanwhile, which has terminated it
-        self._lent.discard(conn)
-        self._wake(None)
-        pool = self._pool
+        pool = self._lent.pop(conn, None)
         if pool is None:
             return
+        if pool is self._pool:
+            self._wake(None)
+        await self._release(pool, conn)
+
+    async def _release(self, pool: asyncpg.Pool, conn: Any) -> None:
         try:
             await pool.release(conn)
         except Exception:  # a connection that broke is terminated by the pool, which opens a new one
