@@ -359,8 +359,7 @@ class PostgresBackend(SQLBackend):
         elif keys:
             args += (keys, values)
         statement = _UPDATES[bool(removed), min(len(keys), 2)]
-        if not self._opened:
-            await self.open()
+        await self._ensure_open()
         conn = await self._take()  # not `_begin`: its context manager costs a commit measurably
         try:
             rows = await conn.fetch(statement, *args)  # a single statement is its own transaction
@@ -442,9 +441,9 @@ class PostgresBackend(SQLBackend):
 
     def _keep(self, conn: Any) -> None:
         """`conn` is free again: to the first statement waiting for one, else among the idle."""
-        if conn not in self._lent:
+        pool = self._lent.get(conn, _GONE)
+        if pool is _GONE:  # already handed back
             return
-        pool = self._lent[conn]
         if pool is not self._pool:  # its pool is closing (or closed): back to it now, so its close need not wait
             del self._lent[conn]
             task = asyncio.get_running_loop().create_task(self._release(pool, conn))
@@ -485,6 +484,9 @@ class PostgresBackend(SQLBackend):
             await pool.release(conn)
         except Exception:  # a connection that broke is terminated by the pool, which opens a new one
             logger.debug("%s: returning a connection to the pool failed", self._where(), exc_info=True)
+
+
+_GONE = object()  # `_keep`'s mark for a connection no longer lent
 
 
 def _usable(conn: Any) -> bool:
